@@ -1,0 +1,1 @@
+"""How a model runs: the onnx reference evaluator with our ops, onnxruntime sessions."""

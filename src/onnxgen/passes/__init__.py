@@ -1,0 +1,5 @@
+"""ONNX to ONNX rewrites."""
+
+from .expand import expand
+
+__all__ = ["expand"]
