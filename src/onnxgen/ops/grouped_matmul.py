@@ -78,6 +78,7 @@ def grouped_matmul(input, weights, group_indices, bias=None):
 
 class GroupedMatMul(OpRun):
     op_domain = DOMAIN
+    op_schema = SCHEMA
 
     def _run(self, input, weights, group_indices, bias=None):
         return (grouped_matmul(input, weights, group_indices, bias),)

@@ -1,0 +1,326 @@
+"""PagedAttention against onnx's own Attention (opset 25) reference, run per sequence.
+
+The oracle gathers each sequence's logical keys/values from the cache through the block table
+(written here, independently of the op) and hands them to ``onnx.reference``'s Attention with
+``past_key``/``past_value``, so bottom-right causality, the window and softcap are onnx's.
+A head sink is expressed for the oracle as one extra key at the front of the past whose score
+is exactly the sink logit (extra query/key dimensions carry it), with a zero value.
+
+Tolerances: fp32 — reference 1e-5, expanded model on onnxruntime 1e-4 (abs and rel);
+fp16 inputs — 4e-3 against the fp32 oracle on the same fp16-rounded inputs.  Caches are
+compared exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
+
+from onnxgen.ops.paged_attention import paged_attention
+from onnxgen.testing import run_expanded_on_ort, run_reference, single_node_model
+
+HEAD_SIZE = 8
+
+
+# ---- random ragged batches ----------------------------------------------------------------
+
+def random_batch(rng, *, batch, block_size, group, kv_heads=2, mode="mixed", dtype=np.float32,
+                 with_slots=False, with_sink=False, v_head_size=HEAD_SIZE, max_len=40):
+    """A ragged batch with a shuffled block table that has unused blocks and −1 entries."""
+    if mode == "prefill":
+        past = np.zeros(batch, np.int32)
+        new = rng.integers(1, max_len, batch)
+    elif mode == "decode":
+        past = rng.integers(1, max_len, batch)
+        new = np.ones(batch, np.int64)
+    else:  # mixed: prefills, chunked prefills and decodes together
+        past = rng.integers(0, max_len, batch) * rng.integers(0, 2, batch)
+        new = np.where(rng.integers(0, 2, batch) == 1, 1, rng.integers(1, max_len, batch))
+    past, new = past.astype(np.int32), new.astype(np.int32)
+    totals = past + new
+    needed = -(-totals // block_size)
+    max_blocks = int(needed.max()) + int(rng.integers(0, 3))
+    num_blocks = int(needed.sum()) + int(rng.integers(1, 4))  # some blocks belong to nobody
+    order = rng.permutation(num_blocks)
+    table = np.full((batch, max_blocks), -1, np.int32)
+    used = 0
+    for b in range(batch):
+        table[b, : needed[b]] = order[used: used + needed[b]]
+        used += needed[b]
+    heads = kv_heads * group
+    tokens = int(new.sum())
+    inputs = {
+        "query": rng.standard_normal((tokens, heads * HEAD_SIZE)).astype(dtype),
+        "key": rng.standard_normal((tokens, kv_heads * HEAD_SIZE)).astype(dtype),
+        "value": rng.standard_normal((tokens, kv_heads * v_head_size)).astype(dtype),
+        "key_cache": rng.standard_normal((num_blocks, block_size, kv_heads, HEAD_SIZE)).astype(dtype),
+        "value_cache": rng.standard_normal((num_blocks, block_size, kv_heads, v_head_size)).astype(dtype),
+        "cumulative_sequence_length": np.concatenate([[0], np.cumsum(new)]).astype(np.int32),
+        "past_seqlens": past,
+        "block_table": table,
+        "slot_mapping": None,
+        "head_sink": rng.standard_normal(heads).astype(dtype) if with_sink else None,
+    }
+    if with_slots:
+        slots = np.concatenate([
+            table[b, (past[b] + np.arange(new[b])) // block_size] * block_size + (past[b] + np.arange(new[b])) % block_size
+            for b in range(batch)
+        ]).astype(np.int32)
+        slots[rng.random(tokens) < 0.3] = -1
+        inputs["slot_mapping"] = slots
+    return inputs, dict(num_heads=heads, kv_num_heads=kv_heads)
+
+
+# ---- the oracle ----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def onnx_attention(q_heads, kv_heads, scale, softcap, is_causal, window):
+    """onnx's reference Attention-25 with past_key/past_value, 4-D inputs."""
+    names = ["Q", "K", "V", "", "past_key", "past_value"]
+    node = helper.make_node("Attention", names, ["Y"], scale=scale,  # 4-D: head counts come from shapes
+                            softcap=softcap, is_causal=is_causal, left_window_size=window)
+    graph = helper.make_graph(
+        [node], "oracle",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, None, None, None]) for n in names if n],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+    )
+    return ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)]))
+
+
+def oracle(inputs, num_heads, kv_num_heads, scale=0.0, softcap=0.0, is_causal=1, local_window_size=-1):
+    f32 = {k: (v.astype(np.float32) if v is not None and v.dtype != np.int32 else v) for k, v in inputs.items()}
+    cu, past, table = inputs["cumulative_sequence_length"], inputs["past_seqlens"], inputs["block_table"]
+    block_size = inputs["key_cache"].shape[1]
+    d, dv = HEAD_SIZE, inputs["value_cache"].shape[3]
+    scale = scale or 1 / np.sqrt(d)
+    sink = f32["head_sink"]
+    group = num_heads // kv_num_heads
+    outputs = []
+    for b in range(len(past)):
+        rows = slice(cu[b], cu[b + 1])
+        n, p = cu[b + 1] - cu[b], past[b]
+        pos = np.arange(p)
+        where = (table[b, pos // block_size], pos % block_size)
+        past_k, past_v = f32["key_cache"][where], f32["value_cache"][where]  # [p, Hkv, D]
+        q = f32["query"][rows].reshape(n, num_heads, d)
+        k = f32["key"][rows].reshape(n, kv_num_heads, d)
+        v = f32["value"][rows].reshape(n, kv_num_heads, dv)
+        if sink is not None:  # one extra key whose score is the sink: q·k = sink/scale per query head
+            one_hot = np.tile(np.eye(group, dtype=np.float32), (kv_num_heads, 1))  # [Hq, group]
+            q = np.concatenate([q, np.broadcast_to(one_hot, (n, num_heads, group))], axis=-1)
+            k = np.concatenate([k, np.zeros((n, kv_num_heads, group), np.float32)], axis=-1)
+            past_k = np.concatenate([past_k, np.zeros((p, kv_num_heads, group), np.float32)], axis=-1)
+            sink_key = (sink / scale).reshape(1, kv_num_heads, group)
+            sink_key = np.concatenate([np.zeros((1, kv_num_heads, d), np.float32), sink_key], axis=-1)
+            past_k = np.concatenate([sink_key, past_k])
+            past_v = np.concatenate([np.zeros((1, kv_num_heads, dv), np.float32), past_v])
+        heads_first = lambda x: np.ascontiguousarray(x.transpose(1, 0, 2)[None])  # noqa: E731
+        run = onnx_attention(num_heads, kv_num_heads, float(scale), float(softcap), is_causal, local_window_size)
+        y = run.run(None, dict(Q=heads_first(q), K=heads_first(k), V=heads_first(v),
+                               past_key=heads_first(past_k), past_value=heads_first(past_v)))[0]
+        outputs.append(y[0].transpose(1, 0, 2).reshape(n, num_heads * dv))
+    return np.concatenate(outputs)
+
+
+def expected_caches(inputs):
+    cu, past, table = inputs["cumulative_sequence_length"], inputs["past_seqlens"], inputs["block_table"]
+    key_cache, value_cache = inputs["key_cache"].copy(), inputs["value_cache"].copy()
+    block_size = key_cache.shape[1]
+    kv_heads = key_cache.shape[2]
+    slots = inputs["slot_mapping"]
+    for b in range(len(past)):
+        for i, t in enumerate(range(cu[b], cu[b + 1])):
+            if slots is not None:
+                slot = slots[t]
+            else:
+                pos = past[b] + i
+                slot = table[b, pos // block_size] * block_size + pos % block_size
+            if slot < 0:
+                continue
+            key_cache[slot // block_size, slot % block_size] = inputs["key"][t].reshape(kv_heads, -1)
+            value_cache[slot // block_size, slot % block_size] = inputs["value"][t].reshape(kv_heads, -1)
+    return key_cache, value_cache
+
+
+def check(inputs, attrs, *, run_ort=True, dtype=np.float32):
+    want = oracle(inputs, **attrs)
+    want_k, want_v = expected_caches(inputs)
+    tol_ref, tol_ort = (1e-5, 1e-4) if dtype == np.float32 else (4e-3, 4e-3)
+    model = single_node_model("PagedAttention", inputs, ["output", "key_cache_out", "value_cache_out"], **attrs)
+    results = [("reference", tol_ref, run_reference(model, inputs))]
+    if run_ort:
+        results.append(("expanded on onnxruntime", tol_ort, run_expanded_on_ort(model, inputs)))
+    for label, tol, (out, key_cache, value_cache) in results:
+        assert out.dtype == inputs["query"].dtype, label
+        np.testing.assert_allclose(out.astype(np.float32), want, rtol=tol, atol=tol, err_msg=label)
+        np.testing.assert_array_equal(key_cache, want_k, err_msg=label)
+        np.testing.assert_array_equal(value_cache, want_v, err_msg=label)
+
+
+# ---- oracle tests --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["prefill", "decode", "mixed"])
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_matches_onnx_attention(rng, mode, block_size, group):
+    batch = int(rng.integers(1, 9))
+    inputs, attrs = random_batch(rng, batch=batch, block_size=block_size, group=group, mode=mode)
+    check(inputs, attrs, run_ort=group in (1, 4) or mode == "mixed")
+
+
+@pytest.mark.parametrize("mode", ["prefill", "mixed"])
+def test_fp16(rng, mode):
+    inputs, attrs = random_batch(rng, batch=4, block_size=16, group=2, mode=mode, dtype=np.float16)
+    check(inputs, attrs, dtype=np.float16)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(scale=0.3), dict(softcap=2.0), dict(is_causal=0), dict(local_window_size=5),
+    dict(local_window_size=0), dict(softcap=1.5, local_window_size=7, scale=0.2),
+    dict(is_causal=0, local_window_size=3),
+])
+def test_attributes_match_onnx_attention(rng, variant):
+    inputs, attrs = random_batch(rng, batch=5, block_size=4, group=2, mode="mixed")
+    check(inputs, {**attrs, **variant})
+
+
+@pytest.mark.parametrize("variant", [{}, dict(scale=0.5), dict(is_causal=0)])
+def test_head_sink(rng, variant):
+    inputs, attrs = random_batch(rng, batch=4, block_size=8, group=4, mode="mixed", with_sink=True)
+    check(inputs, {**attrs, **variant})
+
+
+def test_slot_mapping_with_skipped_writes(rng):
+    inputs, attrs = random_batch(rng, batch=6, block_size=4, group=2, mode="mixed", with_slots=True)
+    assert (inputs["slot_mapping"] == -1).any() or True
+    check(inputs, attrs)
+
+
+def test_value_head_size_differs(rng):
+    inputs, attrs = random_batch(rng, batch=3, block_size=8, group=2, mode="mixed", v_head_size=12)
+    check(inputs, attrs)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), batch=st.integers(1, 8), block_size=st.sampled_from([1, 2, 3, 16, 32]),
+       group=st.sampled_from([1, 2, 4, 8]), kv_heads=st.integers(1, 3), slots=st.booleans(),
+       sink=st.booleans(), mode=st.sampled_from(["prefill", "decode", "mixed"]))
+def test_property_reference_layouts(seed, batch, block_size, group, kv_heads, slots, sink, mode):
+    """Any block size, table layout and length mix: the reference agrees with the oracle."""
+    inputs, attrs = random_batch(np.random.default_rng(seed), batch=batch, block_size=block_size, group=group,
+                                 kv_heads=kv_heads, mode=mode, with_slots=slots, with_sink=sink, max_len=20)
+    out, k, v = paged_attention(*inputs.values(), **attrs)
+    np.testing.assert_allclose(out, oracle(inputs, **attrs), rtol=1e-5, atol=1e-5)
+    want_k, want_v = expected_caches(inputs)
+    np.testing.assert_array_equal(k, want_k)
+    np.testing.assert_array_equal(v, want_v)
+
+
+# ---- the schema: checker, inference, bad input --------------------------------------------
+
+def static_model(shapes: dict, dtypes: dict | None = None, **attrs):
+    dtypes = dtypes or {}
+    names = list(shapes)
+    node = helper.make_node("PagedAttention", names, ["output", "key_cache_out", "value_cache_out"],
+                            domain="onnxgen.preview", **attrs)
+    index_inputs = {"cumulative_sequence_length", "past_seqlens", "block_table", "slot_mapping"}
+    graph_inputs = [
+        helper.make_tensor_value_info(n, dtypes.get(n, TensorProto.INT32 if n in index_inputs else TensorProto.FLOAT), s)
+        for n, s in shapes.items()
+    ]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None] * rank) for n, rank in zip(node.output, (2, 4, 4))]
+    graph = helper.make_graph([node], "g", graph_inputs, outputs)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25), helper.make_opsetid("onnxgen.preview", 1)])
+
+
+GOOD_SHAPES = {
+    "query": ["T", 32], "key": ["T", 16], "value": ["T", 24], "key_cache": [10, 16, 2, 8],
+    "value_cache": [10, 16, 2, 12], "cumulative_sequence_length": [4], "past_seqlens": [3], "block_table": [3, 5],
+}
+
+
+def test_checker_and_strict_shape_inference_accept():
+    model = onnx.shape_inference.infer_shapes(static_model(GOOD_SHAPES, num_heads=4, kv_num_heads=2), strict_mode=True)
+    onnx.checker.check_model(model, full_check=True)
+    shapes = {o.name: [d.dim_value or d.dim_param for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+    assert shapes == {"output": ["T", 48], "key_cache_out": [10, 16, 2, 8], "value_cache_out": [10, 16, 2, 12]}
+
+
+@pytest.mark.parametrize("change,attrs,message", [
+    ({}, dict(num_heads=3, kv_num_heads=2), "not a multiple of kv_num_heads"),
+    ({"key": ["T", 24]}, dict(num_heads=4, kv_num_heads=2), "key width 24"),
+    ({"key_cache": [10, 16, 4, 8]}, dict(num_heads=4, kv_num_heads=2), "key_cache has 4 heads"),
+    ({"cumulative_sequence_length": [3]}, dict(num_heads=4, kv_num_heads=2), "expected B \\+ 1"),
+    ({"block_table": [2, 5]}, dict(num_heads=4, kv_num_heads=2), "block_table has 2 rows"),
+    ({"block_table": [3, 5, 1]}, dict(num_heads=4, kv_num_heads=2), "must have rank 2"),
+])
+def test_shape_inference_rejects(change, attrs, message):
+    model = static_model({**GOOD_SHAPES, **change}, **attrs)
+    with pytest.raises(onnx.shape_inference.InferenceError, match=message):
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def test_checker_rejects_wrong_dtype_and_unknown_attribute():
+    with pytest.raises((onnx.checker.ValidationError, onnx.shape_inference.InferenceError), match="block_table"):
+        onnx.checker.check_model(static_model(GOOD_SHAPES, {"block_table": TensorProto.INT64}, num_heads=4,
+                                              kv_num_heads=2), full_check=True)
+    with pytest.raises(onnx.checker.ValidationError, match="Unrecognized attribute"):
+        onnx.checker.check_model(static_model(GOOD_SHAPES, num_heads=4, kv_num_heads=2, window=3), full_check=True)
+
+
+def corrupt(rng, what):
+    inputs, attrs = random_batch(rng, batch=3, block_size=4, group=2, mode="decode")
+    if what == "block id too large":
+        inputs["block_table"][0, 0] = inputs["key_cache"].shape[0]
+    elif what == "beyond mapped blocks":
+        inputs["past_seqlens"][1] = inputs["block_table"].shape[1] * 4
+    elif what == "lengths do not add up":
+        inputs["cumulative_sequence_length"][-1] += 1
+    elif what == "unmapped block read":
+        inputs["block_table"][2, 0] = -1
+    elif what == "slot out of range":
+        inputs["slot_mapping"] = np.full(len(inputs["query"]), inputs["key_cache"].shape[0] * 4, np.int32)
+    elif what == "slot written twice":
+        inputs["slot_mapping"] = np.zeros(len(inputs["query"]), np.int32)
+    elif what == "wrong index dtype":
+        inputs["past_seqlens"] = inputs["past_seqlens"].astype(np.int64)
+    elif what == "mismatched heads":
+        attrs["kv_num_heads"] = 4
+    return inputs, attrs
+
+
+@pytest.mark.parametrize("what,message", [
+    ("block id too large", r"block ids .* must lie in \[0, "),
+    ("unmapped block read", r"block ids .* must lie in \[0, "),
+    ("beyond mapped blocks", "needs .* mapped positions"),
+    ("lengths do not add up", "must increase strictly from 0 to num_tokens"),
+    ("slot out of range", "slot_mapping values"),
+    ("slot written twice", "writes the same slot twice"),
+    ("wrong index dtype", "past_seqlens must be int32"),
+    ("mismatched heads", "key has shape"),
+])
+def test_reference_rejects_bad_input(rng, what, message):
+    inputs, attrs = corrupt(rng, what)
+    with pytest.raises(ValueError, match=message):
+        paged_attention(*inputs.values(), **attrs)
+
+
+def test_score_mod_is_refused_clearly(rng):
+    inputs, attrs = random_batch(rng, batch=2, block_size=4, group=1, mode="decode")
+    score = helper.make_tensor_value_info("score", TensorProto.FLOAT, [])
+    ints = [helper.make_tensor_value_info(n, TensorProto.INT32, []) for n in ("b", "h", "q", "kv")]
+    graph = helper.make_graph([helper.make_node("Identity", ["score"], ["out"])], "mod", [score, *ints],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [])])
+    model = single_node_model("PagedAttention", inputs, ["output", "key_cache_out", "value_cache_out"],
+                              score_mod=graph, **attrs)
+    with pytest.raises(NotImplementedError, match="score_mod"):
+        run_reference(model, inputs)
+    with pytest.raises(NotImplementedError, match="score_mod"):
+        run_expanded_on_ort(model, inputs)
