@@ -110,3 +110,22 @@ def body(op, inputs, attrs):
     if cast_to_float:
         out = op.Cast(out, to=dtype.value)
     return [out]
+
+
+EXAMPLE = '''\
+import numpy as np
+import onnxgen
+from onnxgen.testing import single_node_model, run_reference, run_expanded_on_ort
+
+rng = np.random.default_rng(0)
+inputs = {
+    "input": rng.standard_normal((4, 8)).astype(np.float32),           # M=4 tokens, K=8
+    "weights": rng.standard_normal((3, 8, 5)).astype(np.float32),      # G=3 groups, N=5
+    "group_indices": np.array([[0, 2], [1, 1], [2, 0], [0, 1]]),       # k=2 per token
+    "bias": rng.standard_normal((3, 5)).astype(np.float32),
+}
+model = single_node_model("GroupedMatMul", inputs, ["output"])
+(out,) = run_reference(model, inputs)                 # onnx.reference with onnxgen's ops
+(ort_out,) = run_expanded_on_ort(model, inputs)       # standard ops on stock onnxruntime
+assert out.shape == (4, 2, 5) and np.allclose(out, ort_out, atol=1e-5)
+'''

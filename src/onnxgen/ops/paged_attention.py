@@ -447,3 +447,35 @@ def body(op, inputs, attrs):
     if query_type != f32:
         out = op.Cast(out, to=query_type)
     return [out, key_cache_out, value_cache_out]
+
+
+EXAMPLE = '''\
+import numpy as np
+import onnxgen
+from onnxgen.testing import single_node_model, run_reference, run_expanded_on_ort
+
+rng = np.random.default_rng(0)
+heads, kv_heads, head_size, block_size = 4, 2, 8, 16
+# Two sequences: one prefilling 5 tokens, one decoding 1 token after 20 cached ones.
+past = np.array([0, 20], np.int32)
+cu = np.array([0, 5, 6], np.int32)
+block_table = np.array([[3, -1], [0, 2]], np.int32)   # sequence 1 uses blocks 0 then 2
+tokens, num_blocks = 6, 4
+inputs = {
+    "query": rng.standard_normal((tokens, heads * head_size)).astype(np.float32),
+    "key": rng.standard_normal((tokens, kv_heads * head_size)).astype(np.float32),
+    "value": rng.standard_normal((tokens, kv_heads * head_size)).astype(np.float32),
+    "key_cache": rng.standard_normal((num_blocks, block_size, kv_heads, head_size)).astype(np.float32),
+    "value_cache": rng.standard_normal((num_blocks, block_size, kv_heads, head_size)).astype(np.float32),
+    "cumulative_sequence_length": cu,
+    "past_seqlens": past,
+    "block_table": block_table,
+}
+model = single_node_model("PagedAttention", inputs, ["output", "key_cache_out", "value_cache_out"],
+                          num_heads=heads, kv_num_heads=kv_heads)
+out, key_cache, value_cache = run_reference(model, inputs)
+ort_out, _, _ = run_expanded_on_ort(model, inputs)
+assert out.shape == (tokens, heads * head_size) and np.allclose(out, ort_out, atol=1e-4)
+# The decode token (position 20) went to block 2 (= block_table[1, 20 // 16]), offset 4.
+assert np.array_equal(key_cache[2, 4], inputs["key"][5].reshape(kv_heads, head_size))
+'''
