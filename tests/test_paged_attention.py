@@ -7,7 +7,8 @@ A head sink is expressed for the oracle as one extra key at the front of the pas
 is exactly the sink logit (extra query/key dimensions carry it), with a zero value.
 
 Tolerances: fp32 — reference 1e-5, expanded model on onnxruntime 1e-4 (abs and rel);
-fp16 inputs — 4e-3 against the fp32 oracle on the same fp16-rounded inputs.  Caches are
+fp16 inputs — 4e-3 against the fp32 oracle on the same fp16-rounded inputs; bf16 caches under
+fp32 activations — fp32 tolerances (the oracle reads the same bf16 values).  Caches are
 compared exactly.
 """
 
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import functools
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
@@ -181,6 +183,14 @@ def test_fp16(rng, mode):
     check(inputs, attrs, dtype=np.float16)
 
 
+def test_bf16_caches_with_fp32_activations(rng):
+    """A bf16 cache under fp32 queries: the cache outputs stay bf16 and hold exactly the new rows."""
+    inputs, attrs = random_batch(rng, batch=4, block_size=8, group=2, mode="mixed", with_slots=True)
+    for name in ("key_cache", "value_cache"):
+        inputs[name] = inputs[name].astype(ml_dtypes.bfloat16)
+    check(inputs, attrs)
+
+
 @pytest.mark.parametrize("variant", [
     dict(scale=0.3), dict(softcap=2.0), dict(is_causal=0), dict(local_window_size=5),
     dict(local_window_size=0), dict(softcap=1.5, local_window_size=7, scale=0.2),
@@ -324,3 +334,59 @@ def test_score_mod_is_refused_clearly(rng):
         run_reference(model, inputs)
     with pytest.raises(NotImplementedError, match="score_mod"):
         run_expanded_on_ort(model, inputs)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31), batch=st.integers(1, 6), block_size=st.sampled_from([1, 3, 16]),
+       group=st.sampled_from([1, 2, 4]), slots=st.booleans(), sink=st.booleans(),
+       window=st.sampled_from([-1, 0, 4]), causal=st.sampled_from([0, 1]))
+def test_property_expanded_model_on_onnxruntime(seed, batch, block_size, group, slots, sink, window, causal):
+    """The function body on stock onnxruntime agrees with the oracle over random layouts."""
+    assume(not (sink and window >= 0))  # the oracle's sink is a front key, which a window would hide
+    inputs, attrs = random_batch(np.random.default_rng(seed), batch=batch, block_size=block_size, group=group,
+                                 with_slots=slots, with_sink=sink, max_len=20)
+    attrs.update(is_causal=causal, local_window_size=window)
+    model = single_node_model("PagedAttention", inputs, ["output", "key_cache_out", "value_cache_out"], **attrs)
+    out, k, v = run_expanded_on_ort(model, inputs)
+    np.testing.assert_allclose(out, oracle(inputs, **attrs), rtol=1e-4, atol=1e-4)
+    want_k, want_v = expected_caches(inputs)
+    np.testing.assert_array_equal(k, want_k)
+    np.testing.assert_array_equal(v, want_v)
+
+
+@pytest.mark.parametrize("window", [0, 3, 9])
+def test_head_sink_with_window_matches_gpt_oss(rng, window):
+    """Sinks under a sliding window (gpt-oss layers) against transformers' gpt-oss eager attention.
+
+    HF's ``sliding_window`` S keeps the last S keys, i.e. ``local_window_size = S - 1``; the mask is
+    written here from that definition and added to HF's scores; the sink softmax is HF's.
+    """
+    import types
+
+    import torch
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    inputs, attrs = random_batch(rng, batch=4, block_size=4, group=2, mode="mixed", with_sink=True)
+    attrs["local_window_size"] = window
+    model = single_node_model("PagedAttention", inputs, ["output", "key_cache_out", "value_cache_out"], **attrs)
+    got_ref = run_reference(model, inputs)[0]
+    got_ort = run_expanded_on_ort(model, inputs)[0]
+    cu, past, table = inputs["cumulative_sequence_length"], inputs["past_seqlens"], inputs["block_table"]
+    heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False,
+                                   sinks=torch.from_numpy(inputs["head_sink"]))
+    for b in range(len(past)):
+        n, p = int(cu[b + 1] - cu[b]), int(past[b])
+        pos = np.arange(p)
+        where = (table[b, pos // 4], pos % 4)
+        k = np.concatenate([inputs["key_cache"][where], inputs["key"][cu[b]:cu[b + 1]].reshape(n, kv_heads, -1)])
+        v = np.concatenate([inputs["value_cache"][where], inputs["value"][cu[b]:cu[b + 1]].reshape(n, kv_heads, -1)])
+        q = inputs["query"][cu[b]:cu[b + 1]].reshape(n, heads, -1)
+        q_pos, kv_pos = p + np.arange(n)[:, None], np.arange(p + n)[None, :]
+        mask = np.where((kv_pos <= q_pos) & (kv_pos > q_pos - (window + 1)), 0.0, -np.inf).astype(np.float32)
+        to_torch = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2)))[None]  # noqa: E731
+        want, _ = eager_attention_forward(module, to_torch(q), to_torch(k), to_torch(v),
+                                          torch.from_numpy(mask)[None, None], scaling=1 / np.sqrt(HEAD_SIZE))
+        want = want[0].reshape(n, -1).numpy()
+        np.testing.assert_allclose(got_ref[cu[b]:cu[b + 1]], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(got_ort[cu[b]:cu[b + 1]], want, rtol=1e-4, atol=1e-4)
