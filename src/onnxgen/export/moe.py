@@ -182,6 +182,17 @@ _norm = _softmax_topk(lambda c: _get(c, *_NORM, default=False))
 _always = _softmax_topk(lambda c: True)
 _never = _softmax_topk(lambda c: False)
 
+
+def _softmax_after_topk(config) -> dict:
+    """gpt-oss and Granite: top-k on the raw logits, softmax over the k chosen."""
+    return {"scoring": "softmax", "softmax_after_topk": 1}
+
+
+def _deepseek_v3_like(oracle: str, shared: str | None = "shared_experts") -> "Family":
+    """DeepSeek-V3's router (group-limited sigmoid, correction bias) as its descendants reuse it."""
+    return Family(_deepseek_v3, shared=shared, selection_bias="gate.e_score_correction_bias", oracle=oracle)
+
+
 FAMILIES: dict[str, Family] = {
     "mixtral": Family(_always, oracle="MixtralSparseMoeBlock"),
     "minimax": Family(_always, oracle="MiniMaxSparseMoeBlock"),
@@ -194,20 +205,16 @@ FAMILIES: dict[str, Family] = {
     "olmoe": Family(_norm, oracle="OlmoeSparseMoeBlock"),
     "flex_olmo": Family(_norm, oracle="FlexOlmoSparseMoeBlock"),
     "hunyuan_v1_moe": Family(_always, router="gate.wg", shared="shared_mlp", oracle="HunYuanMoEV1Moe"),
-    "granitemoe": Family(lambda c: {"scoring": "softmax", "softmax_after_topk": 1}, router="router",
-                         oracle="GraniteMoeMoE"),
+    "granitemoe": Family(_softmax_after_topk, router="router", oracle="GraniteMoeMoE"),
     "gpt_oss": Family(
-        lambda c: {"scoring": "softmax", "softmax_after_topk": 1}, router="router", transposed=True,
+        _softmax_after_topk, router="router", transposed=True,
         extra=lambda c: {"activation": "swiglu_clamped", "gate_up_layout": "interleaved",
                          "activation_alpha": float(_get(c, "swiglu_alpha", default=1.702)),
                          "activation_limit": float(_get(c, "swiglu_limit", default=7.0))},
         oracle="GptOssMLP"),
-    "deepseek_v3": Family(_deepseek_v3, shared="shared_experts", selection_bias="gate.e_score_correction_bias",
-                          oracle="DeepseekV3MoE"),
-    "glm4_moe": Family(_deepseek_v3, shared="shared_experts", selection_bias="gate.e_score_correction_bias",
-                       oracle="Glm4MoeMoE"),
-    "dots1": Family(_deepseek_v3, shared="shared_experts", selection_bias="gate.e_score_correction_bias",
-                    oracle="Dots1MoE"),
+    "deepseek_v3": _deepseek_v3_like("DeepseekV3MoE"),
+    "glm4_moe": _deepseek_v3_like("Glm4MoeMoE"),
+    "dots1": _deepseek_v3_like("Dots1MoE"),
     "deepseek_v2": Family(_deepseek_v2, shared="shared_experts", oracle="DeepseekV2Moe"),
     "ernie4_5_moe": Family(_always, shared="shared_experts",
                            selection_bias="gate.moe_statics.e_score_correction_bias",
@@ -216,19 +223,13 @@ FAMILIES: dict[str, Family] = {
     "qwen3_5_moe_text": Family(_always, shared="shared_expert", shared_gate="shared_expert_gate",
                                oracle="Qwen3_5MoeSparseMoeBlock"),
     # The shared MLP of these Granite variants sits in the decoder layer, outside the MoE block.
-    "granitemoeshared": Family(lambda c: {"scoring": "softmax", "softmax_after_topk": 1}, router="router",
-                               oracle="GraniteMoeSharedMoE"),
-    "granitemoehybrid": Family(lambda c: {"scoring": "softmax", "softmax_after_topk": 1}, router="router",
-                               oracle="GraniteMoeHybridMoE"),
-    "exaone_moe": Family(_deepseek_v3, shared="shared_experts", selection_bias="gate.e_score_correction_bias",
-                         oracle="ExaoneMoeSparseMoEBlock"),
-    "kimi_linear": Family(_deepseek_v3, shared="shared_experts", selection_bias="gate.e_score_correction_bias",
-                          oracle="KimiLinearMoE"),
-    "glm4_moe_lite": Family(_deepseek_v3, shared="shared_experts", selection_bias="gate.e_score_correction_bias",
-                            oracle="Glm4MoeLiteMoE"),
-    "mimo_v2_flash": Family(_deepseek_v3, selection_bias="gate.e_score_correction_bias", oracle="MiMoV2FlashMoE"),
-    "solar_open": Family(_deepseek_v3, shared="shared_experts", selection_bias="gate.e_score_correction_bias",
-                         oracle="SolarOpenMoE"),
+    "granitemoeshared": Family(_softmax_after_topk, router="router", oracle="GraniteMoeSharedMoE"),
+    "granitemoehybrid": Family(_softmax_after_topk, router="router", oracle="GraniteMoeHybridMoE"),
+    "exaone_moe": _deepseek_v3_like("ExaoneMoeSparseMoEBlock"),
+    "kimi_linear": _deepseek_v3_like("KimiLinearMoE"),
+    "glm4_moe_lite": _deepseek_v3_like("Glm4MoeLiteMoE"),
+    "mimo_v2_flash": _deepseek_v3_like("MiMoV2FlashMoE", shared=None),
+    "solar_open": _deepseek_v3_like("SolarOpenMoE"),
     "mistral4": Family(_mistral4, shared="shared_experts", oracle="Mistral4MoE"),
     "minimax_m2": Family(_sigmoid_biased(), selection_bias="e_score_correction_bias",
                          oracle="MiniMaxM2SparseMoeBlock"),
