@@ -5,15 +5,19 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 # torch is pinned in the extras (torch==2.13.0: the local CPU wheel), never a looser spec.
 
+# The C++ kernel library is built by the package build (setup.py); its sources trigger rebuilds.
+KERNEL_SOURCES := setup.py tools/ort_headers.py $(wildcard src/onnxgen/kernels/csrc/*)
+
 .PHONY: install install-dev demo test docs clean
 
-$(VENV)/.runtime: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+$(VENV)/.runtime: pyproject.toml $(KERNEL_SOURCES)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) -e .
 	touch $@
 
+# Tests need the kernels: a build that cannot fetch the headers fails here instead of skipping.
 $(VENV)/.dev: pyproject.toml $(VENV)/.runtime
-	$(PIP) -e ".[test]"
+	ONNXGEN_REQUIRE_KERNELS=1 $(PIP) -e ".[test]"
 	touch $@
 
 install: $(VENV)/.runtime
