@@ -14,8 +14,6 @@ compared exactly.
 
 from __future__ import annotations
 
-import functools
-
 import ml_dtypes
 import numpy as np
 import onnx
@@ -23,147 +21,18 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
-from onnx.reference import ReferenceEvaluator
+from paged_cases import HEAD_SIZE, OUTPUTS, check_runners, expected_caches, oracle, random_batch
 
 from onnxgen.ops.paged_attention import paged_attention
 from onnxgen.testing import run_expanded_on_ort, run_reference, single_node_model
 
-HEAD_SIZE = 8
-
-
-# ---- random ragged batches ----------------------------------------------------------------
-
-def random_batch(rng, *, batch, block_size, group, kv_heads=2, mode="mixed", dtype=np.float32,
-                 with_slots=False, with_sink=False, v_head_size=HEAD_SIZE, max_len=40):
-    """A ragged batch with a shuffled block table that has unused blocks and −1 entries."""
-    if mode == "prefill":
-        past = np.zeros(batch, np.int32)
-        new = rng.integers(1, max_len, batch)
-    elif mode == "decode":
-        past = rng.integers(1, max_len, batch)
-        new = np.ones(batch, np.int64)
-    else:  # mixed: prefills, chunked prefills and decodes together
-        past = rng.integers(0, max_len, batch) * rng.integers(0, 2, batch)
-        new = np.where(rng.integers(0, 2, batch) == 1, 1, rng.integers(1, max_len, batch))
-    past, new = past.astype(np.int32), new.astype(np.int32)
-    totals = past + new
-    needed = -(-totals // block_size)
-    max_blocks = int(needed.max()) + int(rng.integers(0, 3))
-    num_blocks = int(needed.sum()) + int(rng.integers(1, 4))  # some blocks belong to nobody
-    order = rng.permutation(num_blocks)
-    table = np.full((batch, max_blocks), -1, np.int32)
-    used = 0
-    for b in range(batch):
-        table[b, : needed[b]] = order[used: used + needed[b]]
-        used += needed[b]
-    heads = kv_heads * group
-    tokens = int(new.sum())
-    inputs = {
-        "query": rng.standard_normal((tokens, heads * HEAD_SIZE)).astype(dtype),
-        "key": rng.standard_normal((tokens, kv_heads * HEAD_SIZE)).astype(dtype),
-        "value": rng.standard_normal((tokens, kv_heads * v_head_size)).astype(dtype),
-        "key_cache": rng.standard_normal((num_blocks, block_size, kv_heads, HEAD_SIZE)).astype(dtype),
-        "value_cache": rng.standard_normal((num_blocks, block_size, kv_heads, v_head_size)).astype(dtype),
-        "cumulative_sequence_length": np.concatenate([[0], np.cumsum(new)]).astype(np.int32),
-        "past_seqlens": past,
-        "block_table": table,
-        "slot_mapping": None,
-        "head_sink": rng.standard_normal(heads).astype(dtype) if with_sink else None,
-    }
-    if with_slots:
-        slots = np.concatenate([
-            table[b, (past[b] + np.arange(new[b])) // block_size] * block_size + (past[b] + np.arange(new[b])) % block_size
-            for b in range(batch)
-        ]).astype(np.int32)
-        slots[rng.random(tokens) < 0.3] = -1
-        inputs["slot_mapping"] = slots
-    return inputs, dict(num_heads=heads, kv_num_heads=kv_heads)
-
-
-# ---- the oracle ----------------------------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def onnx_attention(q_heads, kv_heads, scale, softcap, is_causal, window):
-    """onnx's reference Attention-25 with past_key/past_value, 4-D inputs."""
-    names = ["Q", "K", "V", "", "past_key", "past_value"]
-    node = helper.make_node("Attention", names, ["Y"], scale=scale,  # 4-D: head counts come from shapes
-                            softcap=softcap, is_causal=is_causal, left_window_size=window)
-    graph = helper.make_graph(
-        [node], "oracle",
-        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, None, None, None]) for n in names if n],
-        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
-    )
-    return ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25)]))
-
-
-def oracle(inputs, num_heads, kv_num_heads, scale=0.0, softcap=0.0, is_causal=1, local_window_size=-1):
-    f32 = {k: (v.astype(np.float32) if v is not None and v.dtype != np.int32 else v) for k, v in inputs.items()}
-    cu, past, table = inputs["cumulative_sequence_length"], inputs["past_seqlens"], inputs["block_table"]
-    block_size = inputs["key_cache"].shape[1]
-    d, dv = HEAD_SIZE, inputs["value_cache"].shape[3]
-    scale = scale or 1 / np.sqrt(d)
-    sink = f32["head_sink"]
-    group = num_heads // kv_num_heads
-    outputs = []
-    for b in range(len(past)):
-        rows = slice(cu[b], cu[b + 1])
-        n, p = cu[b + 1] - cu[b], past[b]
-        pos = np.arange(p)
-        where = (table[b, pos // block_size], pos % block_size)
-        past_k, past_v = f32["key_cache"][where], f32["value_cache"][where]  # [p, Hkv, D]
-        q = f32["query"][rows].reshape(n, num_heads, d)
-        k = f32["key"][rows].reshape(n, kv_num_heads, d)
-        v = f32["value"][rows].reshape(n, kv_num_heads, dv)
-        if sink is not None:  # one extra key whose score is the sink: q·k = sink/scale per query head
-            one_hot = np.tile(np.eye(group, dtype=np.float32), (kv_num_heads, 1))  # [Hq, group]
-            q = np.concatenate([q, np.broadcast_to(one_hot, (n, num_heads, group))], axis=-1)
-            k = np.concatenate([k, np.zeros((n, kv_num_heads, group), np.float32)], axis=-1)
-            past_k = np.concatenate([past_k, np.zeros((p, kv_num_heads, group), np.float32)], axis=-1)
-            sink_key = (sink / scale).reshape(1, kv_num_heads, group)
-            sink_key = np.concatenate([np.zeros((1, kv_num_heads, d), np.float32), sink_key], axis=-1)
-            past_k = np.concatenate([sink_key, past_k])
-            past_v = np.concatenate([np.zeros((1, kv_num_heads, dv), np.float32), past_v])
-        heads_first = lambda x: np.ascontiguousarray(x.transpose(1, 0, 2)[None])  # noqa: E731
-        run = onnx_attention(num_heads, kv_num_heads, float(scale), float(softcap), is_causal, local_window_size)
-        y = run.run(None, dict(Q=heads_first(q), K=heads_first(k), V=heads_first(v),
-                               past_key=heads_first(past_k), past_value=heads_first(past_v)))[0]
-        outputs.append(y[0].transpose(1, 0, 2).reshape(n, num_heads * dv))
-    return np.concatenate(outputs)
-
-
-def expected_caches(inputs):
-    cu, past, table = inputs["cumulative_sequence_length"], inputs["past_seqlens"], inputs["block_table"]
-    key_cache, value_cache = inputs["key_cache"].copy(), inputs["value_cache"].copy()
-    block_size = key_cache.shape[1]
-    kv_heads = key_cache.shape[2]
-    slots = inputs["slot_mapping"]
-    for b in range(len(past)):
-        for i, t in enumerate(range(cu[b], cu[b + 1])):
-            if slots is not None:
-                slot = slots[t]
-            else:
-                pos = past[b] + i
-                slot = table[b, pos // block_size] * block_size + pos % block_size
-            if slot < 0:
-                continue
-            key_cache[slot // block_size, slot % block_size] = inputs["key"][t].reshape(kv_heads, -1)
-            value_cache[slot // block_size, slot % block_size] = inputs["value"][t].reshape(kv_heads, -1)
-    return key_cache, value_cache
+REFERENCE = ("reference", 1e-5, run_reference)
+EXPANDED = ("expanded on onnxruntime", 1e-4, run_expanded_on_ort)
 
 
 def check(inputs, attrs, *, run_ort=True, dtype=np.float32):
-    want = oracle(inputs, **attrs)
-    want_k, want_v = expected_caches(inputs)
-    tol_ref, tol_ort = (1e-5, 1e-4) if dtype == np.float32 else (4e-3, 4e-3)
-    model = single_node_model("PagedAttention", inputs, ["output", "key_cache_out", "value_cache_out"], **attrs)
-    results = [("reference", tol_ref, run_reference(model, inputs))]
-    if run_ort:
-        results.append(("expanded on onnxruntime", tol_ort, run_expanded_on_ort(model, inputs)))
-    for label, tol, (out, key_cache, value_cache) in results:
-        assert out.dtype == inputs["query"].dtype, label
-        np.testing.assert_allclose(out.astype(np.float32), want, rtol=tol, atol=tol, err_msg=label)
-        np.testing.assert_array_equal(key_cache, want_k, err_msg=label)
-        np.testing.assert_array_equal(value_cache, want_v, err_msg=label)
+    runners = [REFERENCE, EXPANDED] if run_ort else [REFERENCE]
+    check_runners(inputs, attrs, runners, low_precision=dtype != np.float32)
 
 
 # ---- oracle tests --------------------------------------------------------------------------
@@ -238,7 +107,7 @@ def test_property_reference_layouts(seed, batch, block_size, group, kv_heads, sl
 def static_model(shapes: dict, dtypes: dict | None = None, **attrs):
     dtypes = dtypes or {}
     names = list(shapes)
-    node = helper.make_node("PagedAttention", names, ["output", "key_cache_out", "value_cache_out"],
+    node = helper.make_node("PagedAttention", names, OUTPUTS,
                             domain="onnxgen.preview", **attrs)
     index_inputs = {"cumulative_sequence_length", "past_seqlens", "block_table", "slot_mapping"}
     graph_inputs = [
@@ -328,7 +197,7 @@ def test_score_mod_is_refused_clearly(rng):
     ints = [helper.make_tensor_value_info(n, TensorProto.INT32, []) for n in ("b", "h", "q", "kv")]
     graph = helper.make_graph([helper.make_node("Identity", ["score"], ["out"])], "mod", [score, *ints],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [])])
-    model = single_node_model("PagedAttention", inputs, ["output", "key_cache_out", "value_cache_out"],
+    model = single_node_model("PagedAttention", inputs, OUTPUTS,
                               score_mod=graph, **attrs)
     with pytest.raises(NotImplementedError, match="score_mod"):
         run_reference(model, inputs)
@@ -346,7 +215,7 @@ def test_property_expanded_model_on_onnxruntime(seed, batch, block_size, group, 
     inputs, attrs = random_batch(np.random.default_rng(seed), batch=batch, block_size=block_size, group=group,
                                  with_slots=slots, with_sink=sink, max_len=20)
     attrs.update(is_causal=causal, local_window_size=window)
-    model = single_node_model("PagedAttention", inputs, ["output", "key_cache_out", "value_cache_out"], **attrs)
+    model = single_node_model("PagedAttention", inputs, OUTPUTS, **attrs)
     out, k, v = run_expanded_on_ort(model, inputs)
     np.testing.assert_allclose(out, oracle(inputs, **attrs), rtol=1e-4, atol=1e-4)
     want_k, want_v = expected_caches(inputs)
@@ -368,7 +237,7 @@ def test_head_sink_with_window_matches_gpt_oss(rng, window):
 
     inputs, attrs = random_batch(rng, batch=4, block_size=4, group=2, mode="mixed", with_sink=True)
     attrs["local_window_size"] = window
-    model = single_node_model("PagedAttention", inputs, ["output", "key_cache_out", "value_cache_out"], **attrs)
+    model = single_node_model("PagedAttention", inputs, OUTPUTS, **attrs)
     got_ref = run_reference(model, inputs)[0]
     got_ort = run_expanded_on_ort(model, inputs)[0]
     cu, past, table = inputs["cumulative_sequence_length"], inputs["past_seqlens"], inputs["block_table"]

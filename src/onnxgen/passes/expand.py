@@ -9,6 +9,8 @@ GroupedMatMul), so this repeats until none are left.  The result runs on stock o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -21,10 +23,15 @@ from ..ops.domain import MIN_ONNX_OPSET
 EXPANDED_DOMAIN = "onnxgen.expanded"
 FLEX_DOMAIN = "ai.onnx.preview"
 _MAX_ROUNDS = 8
+_FROM_BODY = "onnxgen.expand.from_body"
 
 
-def expand(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Return a copy of ``model`` with every onnxgen op and FlexAttention inlined as standard ops."""
+def expand(model: onnx.ModelProto, only: Callable[[ir.Node], bool] | None = None) -> onnx.ModelProto:
+    """Return a copy of ``model`` with every onnxgen op and FlexAttention inlined as standard ops.
+
+    ``only(node)`` restricts the first round to the nodes it accepts (the ones a kernel library
+    cannot run, say); what their bodies produce is expanded in turn.
+    """
     ir_model = ir.serde.deserialize_model(model)
     opset = ir_model.opset_imports.get("", 0)
     if opset < MIN_ONNX_OPSET:
@@ -34,13 +41,18 @@ def expand(model: onnx.ModelProto) -> onnx.ModelProto:
         )
     if ir_model.functions:  # our nodes may sit inside the model's own functions
         common_passes.InlinePass()(ir_model)
-    for _ in range(_MAX_ROUNDS):
+    for round_ in range(_MAX_ROUNDS):
         common_passes.ShapeInferencePass(strict_mode=True)(ir_model)
-        calls = [node for node in ir.traversal.RecursiveGraphIterator(ir_model.graph) if _expandable(node)]
+        calls = [
+            node for node in ir.traversal.RecursiveGraphIterator(ir_model.graph)
+            if _expandable(node) and (only is None or round_ > 0 and node.meta.get(_FROM_BODY) or only(node))
+        ]
         if not calls:
             break
         for index, node in enumerate(calls):
             function = _function_for(node, f"{node.op_type}_{len(ir_model.functions)}_{index}", opset)
+            for inner in ir.traversal.RecursiveGraphIterator(function):
+                inner.meta[_FROM_BODY] = True
             ir_model.functions[function.identifier()] = function
             _call(node, function)
         ir_model.opset_imports[EXPANDED_DOMAIN] = 1

@@ -16,21 +16,21 @@ OrtStatusPtr infer_outputs(OrtShapeInferContext* ctx, const OutputSpec* specs, s
     if (spec.type_from >= 0 && size_t(spec.type_from) < inputs) {
       OrtTensorTypeAndShapeInfo* info = nullptr;
       if (OrtStatus* s = api.ShapeInferContext_GetInputTypeShape(ctx, spec.type_from, &info)) return s;
-      api.GetTensorElementType(info, &type);  // `info` belongs to the context: not released
+      if (OrtStatus* s = api.GetTensorElementType(info, &type)) return s;  // `info` belongs to the context
     }
     if (spec.shape_from >= 0 && size_t(spec.shape_from) < inputs) {
       OrtTensorTypeAndShapeInfo* info = nullptr;
       if (OrtStatus* s = api.ShapeInferContext_GetInputTypeShape(ctx, spec.shape_from, &info)) return s;
       size_t rank = 0;
-      api.GetDimensionsCount(info, &rank);
+      if (OrtStatus* s = api.GetDimensionsCount(info, &rank)) return s;
       dims.assign(rank, -1);
-      api.GetDimensions(info, dims.data(), rank);
+      if (OrtStatus* s = api.GetDimensions(info, dims.data(), rank)) return s;
     }
     OrtTensorTypeAndShapeInfo* out = nullptr;
     if (OrtStatus* s = api.CreateTensorTypeAndShapeInfo(&out)) return s;
-    api.SetTensorElementType(out, type);
-    api.SetDimensions(out, dims.data(), dims.size());
-    OrtStatus* s = api.ShapeInferContext_SetOutputTypeShape(ctx, i, out);
+    OrtStatus* s = api.SetTensorElementType(out, type);
+    if (!s) s = api.SetDimensions(out, dims.data(), dims.size());
+    if (!s) s = api.ShapeInferContext_SetOutputTypeShape(ctx, i, out);
     api.ReleaseTensorTypeAndShapeInfo(out);
     if (s) return s;
   }

@@ -1,12 +1,415 @@
-// PagedAttention kernel (stub: being written).
+// PagedAttention on the CPU: a ragged batch over a paged KV cache, flash-style.
+//
+// Work is split into items (sequence, query tile, KV chunk): a KV chunk is a run of
+// "segments" (one cache block of the past, or up to block_size of the new tokens), so one long
+// sequence still spreads over every thread.  An item walks its segments in memory order
+// (token, then KV head) with an online softmax; a merge pass combines the chunks of each query
+// row (and the head sink).  The past is read from the input caches, then the new keys/values
+// are written at their slots (in place when onnxruntime binds the output to the input buffer).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
 #include "ops.h"
 
 namespace onnxgen {
 namespace {
 
+constexpr const char* kOp = "PagedAttention";
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kQueryTile = 16;
+
+struct Attributes {
+  int64_t num_heads, kv_num_heads, is_causal, local_window_size;
+  float scale, softcap;
+};
+
+// Sizes and pointers of one call, checked against each other.
+struct Problem {
+  int64_t tokens, batch, heads, kv_heads, group, head_size, v_head_size, num_blocks, block_size, max_blocks;
+  DType qkv_type, cache_type;
+  Input query, key, value, key_cache, value_cache, cu, past, table, slots, sink;
+};
+
+// A run of consecutive logical positions whose K/V rows share one layout: [count][kv_heads][D].
+struct Segment {
+  const void* key;
+  const void* value;
+  DType type;
+  int64_t first_position, count;
+};
+
+struct WorkItem {
+  int64_t seq, row_begin, row_end;       // query rows (relative to the sequence's first new token)
+  int64_t segment_begin, segment_end;    // into the sequence's segment list
+  int64_t state_offset;                  // into the partial-state buffer
+};
+
+Problem check(Ort::KernelContext& ctx, const Attributes& a) {
+  Problem p{};
+  p.query = read_input(ctx, 0), p.key = read_input(ctx, 1), p.value = read_input(ctx, 2);
+  p.key_cache = read_input(ctx, 3), p.value_cache = read_input(ctx, 4);
+  p.cu = read_input(ctx, 5), p.past = read_input(ctx, 6), p.table = read_input(ctx, 7);
+  p.slots = read_input(ctx, 8), p.sink = read_input(ctx, 9);
+  if (a.num_heads <= 0 || a.kv_num_heads <= 0 || a.num_heads % a.kv_num_heads)
+    fail(kOp, "num_heads=", a.num_heads, " must be a positive multiple of kv_num_heads=", a.kv_num_heads);
+  expect_rank(kOp, "query", p.query, 2), expect_rank(kOp, "key", p.key, 2), expect_rank(kOp, "value", p.value, 2);
+  expect_rank(kOp, "key_cache", p.key_cache, 4), expect_rank(kOp, "value_cache", p.value_cache, 4);
+  expect_rank(kOp, "cumulative_sequence_length", p.cu, 1), expect_rank(kOp, "past_seqlens", p.past, 1);
+  expect_rank(kOp, "block_table", p.table, 2);
+  for (auto [name, in] : {std::pair{"cumulative_sequence_length", &p.cu}, {"past_seqlens", &p.past},
+                          {"block_table", &p.table}})
+    expect_type(kOp, name, *in, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, "int32");
+  p.qkv_type = float_type(kOp, "query", p.query.type);
+  if (p.key.type != p.query.type || p.value.type != p.query.type)
+    fail(kOp, "query, key and value must share one element type");
+  p.cache_type = float_type(kOp, "key_cache", p.key_cache.type);
+  if (p.value_cache.type != p.key_cache.type) fail(kOp, "key_cache and value_cache must share one element type");
+
+  p.heads = a.num_heads, p.kv_heads = a.kv_num_heads, p.group = a.num_heads / a.kv_num_heads;
+  p.tokens = p.query.dim(0);
+  if (p.query.dim(1) % p.heads) fail(kOp, "query width ", p.query.dim(1), " is not a multiple of num_heads=", p.heads);
+  p.head_size = p.query.dim(1) / p.heads;
+  p.num_blocks = p.key_cache.dim(0), p.block_size = p.key_cache.dim(1);
+  p.v_head_size = p.value_cache.dim(3);
+  if (p.key.shape != std::vector<int64_t>{p.tokens, p.kv_heads * p.head_size})
+    fail(kOp, "key has shape ", shape_str(p.key.shape), "; expected [", p.tokens, ", kv_num_heads * head_size = ",
+         p.kv_heads * p.head_size, "]");
+  if (p.key_cache.dim(2) != p.kv_heads || p.key_cache.dim(3) != p.head_size)
+    fail(kOp, "key_cache has shape ", shape_str(p.key_cache.shape), "; expected [num_blocks, block_size, ",
+         p.kv_heads, ", ", p.head_size, "]");
+  if (p.value_cache.dim(0) != p.num_blocks || p.value_cache.dim(1) != p.block_size || p.value_cache.dim(2) != p.kv_heads)
+    fail(kOp, "value_cache has shape ", shape_str(p.value_cache.shape), "; expected [", p.num_blocks, ", ",
+         p.block_size, ", ", p.kv_heads, ", v_head_size]");
+  if (p.value.shape != std::vector<int64_t>{p.tokens, p.kv_heads * p.v_head_size})
+    fail(kOp, "value has shape ", shape_str(p.value.shape), "; expected [", p.tokens, ", ", p.kv_heads * p.v_head_size, "]");
+  if (p.block_size <= 0) fail(kOp, "key_cache has block_size ", p.block_size);
+
+  p.batch = p.past.dim(0);
+  const int32_t* cu = p.cu.as<int32_t>();
+  const int32_t* past = p.past.as<int32_t>();
+  if (p.cu.dim(0) != p.batch + 1)
+    fail(kOp, "cumulative_sequence_length has ", p.cu.dim(0), " entries; expected B + 1 = ", p.batch + 1);
+  if (p.table.dim(0) != p.batch) fail(kOp, "block_table has ", p.table.dim(0), " rows for ", p.batch, " sequences");
+  p.max_blocks = p.table.dim(1);
+  bool increasing = p.batch > 0 && cu[0] == 0 && cu[p.batch] == p.tokens;
+  for (int64_t b = 0; increasing && b < p.batch; ++b) increasing = cu[b + 1] > cu[b];
+  if (!increasing)
+    fail(kOp, "cumulative_sequence_length must increase strictly from 0 to num_tokens=", p.tokens,
+         " (every sequence has at least one new token)");
+  if (p.slots.present()) {
+    expect_type(kOp, "slot_mapping", p.slots, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, "int32");
+    if (p.slots.shape != std::vector<int64_t>{p.tokens})
+      fail(kOp, "slot_mapping has shape ", shape_str(p.slots.shape), "; expected [", p.tokens, "]");
+    const int64_t num_slots = p.num_blocks * p.block_size;
+    std::vector<bool> used(size_t(num_slots), false);
+    for (int64_t t = 0; t < p.tokens; ++t) {
+      int64_t s = p.slots.as<int32_t>()[t];
+      if (s < -1 || s >= num_slots) fail(kOp, "slot_mapping[", t, "]=", s, " lies outside [-1, ", num_slots, ")");
+      if (s >= 0 && used[size_t(s)]) fail(kOp, "slot_mapping writes slot ", s, " twice");
+      if (s >= 0) used[size_t(s)] = true;
+    }
+  }
+  if (p.sink.present()) {
+    if (p.sink.type != p.query.type) fail(kOp, "head_sink must have the query's element type");
+    if (p.sink.shape != std::vector<int64_t>{p.heads})
+      fail(kOp, "head_sink has shape ", shape_str(p.sink.shape), "; expected [", p.heads, "]");
+  }
+  const int32_t* table = p.table.as<int32_t>();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    if (past[b] < 0) fail(kOp, "past_seqlens[", b, "]=", past[b], " is negative");
+    const int64_t total = int64_t(past[b]) + cu[b + 1] - cu[b];
+    const int64_t needed = p.slots.present() ? past[b] : total;  // positions read, or read and written
+    if (needed > p.max_blocks * p.block_size)
+      fail(kOp, "sequence ", b, " needs ", needed, " mapped positions but its block_table row holds ",
+           p.max_blocks, " blocks of ", p.block_size);
+    for (int64_t j = 0; j < (needed + p.block_size - 1) / p.block_size; ++j) {
+      const int32_t id = table[b * p.max_blocks + j];
+      if (id < 0 || id >= p.num_blocks)
+        fail(kOp, "block_table[", b, ", ", j, "]=", id, " must lie in [0, ", p.num_blocks, ") (sequence ", b,
+             " uses it)");
+    }
+  }
+  return p;
+}
+
+// The segments of sequence b, in position order: its past blocks, then its new tokens.
+std::vector<Segment> segments_of(const Problem& p, int64_t b) {
+  const int64_t past = p.past.as<int32_t>()[b], begin = p.cu.as<int32_t>()[b], end = p.cu.as<int32_t>()[b + 1];
+  const int64_t k_row = p.kv_heads * p.head_size, v_row = p.kv_heads * p.v_head_size;
+  const size_t cache_bytes = dtype_size(p.cache_type), input_bytes = dtype_size(p.qkv_type);
+  std::vector<Segment> out;
+  for (int64_t pos = 0; pos < past; pos += p.block_size) {
+    const int64_t block = p.table.as<int32_t>()[b * p.max_blocks + pos / p.block_size];
+    const char* k = static_cast<const char*>(p.key_cache.data) + size_t(block * p.block_size * k_row) * cache_bytes;
+    const char* v = static_cast<const char*>(p.value_cache.data) + size_t(block * p.block_size * v_row) * cache_bytes;
+    out.push_back({k, v, p.cache_type, pos, std::min(p.block_size, past - pos)});
+  }
+  for (int64_t t = begin; t < end; t += p.block_size) {
+    const char* k = static_cast<const char*>(p.key.data) + size_t(t * k_row) * input_bytes;
+    const char* v = static_cast<const char*>(p.value.data) + size_t(t * v_row) * input_bytes;
+    out.push_back({k, v, p.qkv_type, past + (t - begin), std::min(p.block_size, end - t)});
+  }
+  return out;
+}
+
+// Per item: for each (query row, head) a running max, a running sum and the weighted values.
+struct State {
+  float* base;
+  int64_t v_head_size;
+  float& max(int64_t i) { return base[i * (v_head_size + 2)]; }
+  float& sum(int64_t i) { return base[i * (v_head_size + 2) + 1]; }
+  float* acc(int64_t i) { return base + i * (v_head_size + 2) + 2; }
+};
+
+class Attention {
+ public:
+  Attention(const Problem& p, const Attributes& a) : p_(p), a_(a) {
+    scale_ = a.scale != 0.f ? a.scale : 1.f / std::sqrt(float(p.head_size));
+  }
+
+  // One work item: query rows [row_begin, row_end) of sequence `seq` over some of its segments.
+  void run(const WorkItem& item, const std::vector<Segment>& segments, float* state_buffer) const {
+    const int64_t rows = item.row_end - item.row_begin, H = p_.heads, D = p_.head_size, Dv = p_.v_head_size;
+    const int64_t G = p_.group, Hkv = p_.kv_heads;
+    const int64_t past = p_.past.as<int32_t>()[item.seq], first_token = p_.cu.as<int32_t>()[item.seq];
+    // Queries in fp32, pre-scaled: q[row][head][D].
+    std::vector<float> q(size_t(rows * H * D));
+    const size_t qbytes = dtype_size(p_.qkv_type);
+    for (int64_t r = 0; r < rows; ++r) {
+      const char* src = static_cast<const char*>(p_.query.data) + size_t((first_token + item.row_begin + r) * H * D) * qbytes;
+      load_row(src, p_.qkv_type, &q[size_t(r * H * D)], H * D);
+    }
+    if (!(a_.softcap > 0.f)) scale_row(q.data(), scale_, rows * H * D);
+    State state{state_buffer, Dv};
+    for (int64_t i = 0; i < rows * H; ++i) state.max(i) = kNegInf, state.sum(i) = 0.f, std::fill_n(state.acc(i), Dv, 0.f);
+
+    const int64_t bs = p_.block_size;
+    std::vector<float> k_buf(size_t(bs * Hkv * D)), v_buf(size_t(bs * Hkv * Dv));
+    std::vector<float> scores(size_t(rows * H * bs));  // [row][head][token]
+    for (int64_t s = item.segment_begin; s < item.segment_end; ++s) {
+      const Segment& seg = segments[size_t(s)];
+      const int64_t n = seg.count;
+      const float* k = rows_f32(seg.key, seg.type, n * Hkv * D, k_buf);
+      // Scores, in the segment's memory order: token, KV head, then the queries that read it.
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t h = 0; h < Hkv; ++h) {
+          const float* krow = k + (t * Hkv + h) * D;
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t head = h * G + g;
+              scores[size_t((r * H + head) * bs + t)] = dot(&q[size_t((r * H + head) * D)], krow, D);
+            }
+        }
+      bool any = false;
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t q_pos = past + item.row_begin + r;
+        int64_t lo = seg.first_position, hi = seg.first_position + n;  // visible kv positions [lo, hi)
+        if (a_.is_causal) hi = std::min(hi, q_pos + 1);
+        if (a_.local_window_size >= 0) lo = std::max(lo, q_pos - a_.local_window_size);
+        for (int64_t head = 0; head < H; ++head)
+          any |= softmax_step(&scores[size_t((r * H + head) * bs)], n, lo - seg.first_position,
+                              hi - seg.first_position, state, r * H + head);
+      }
+      if (!any) continue;
+      const float* v = rows_f32(seg.value, seg.type, n * Hkv * Dv, v_buf);
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t h = 0; h < Hkv; ++h) {
+          const float* vrow = v + (t * Hkv + h) * Dv;
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t i = r * H + h * G + g;
+              const float w = scores[size_t(i * bs + t)];
+              if (w != 0.f) axpy(state.acc(i), w, vrow, Dv);
+            }
+        }
+    }
+  }
+
+ private:
+  // fp32 rows of a segment: the data itself, or a converted copy in `buffer`.
+  static const float* rows_f32(const void* data, DType type, int64_t n, std::vector<float>& buffer) {
+    if (type == DType::f32) return static_cast<const float*>(data);
+    load_row(data, type, buffer.data(), n);
+    return buffer.data();
+  }
+
+  // Softcap and mask one row of scores (visible tokens [lo, hi)), fold it into the running
+  // softmax of state i, and leave the (unnormalised) probabilities in `s`.  False if none visible.
+  bool softmax_step(float* s, int64_t n, int64_t lo, int64_t hi, State& state, int64_t i) const {
+    lo = std::max<int64_t>(lo, 0), hi = std::min(hi, n);
+    if (lo >= hi) {
+      std::fill_n(s, n, 0.f);
+      return false;
+    }
+    if (a_.softcap > 0.f)
+      for (int64_t t = lo; t < hi; ++t) s[t] = a_.softcap * std::tanh(s[t] * scale_ / a_.softcap);
+    float m = state.max(i);
+    for (int64_t t = lo; t < hi; ++t) m = std::max(m, s[t]);
+    const float old_max = state.max(i);
+    if (m > old_max && old_max != kNegInf) {
+      const float factor = std::exp(old_max - m);
+      state.sum(i) *= factor;
+      scale_row(state.acc(i), factor, p_.v_head_size);
+    }
+    state.max(i) = m;
+    std::fill_n(s, lo, 0.f);
+    std::fill(s + hi, s + n, 0.f);
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 total = _mm256_setzero_ps();
+    int64_t t = lo;
+    for (; t + 8 <= hi; t += 8) {
+      __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+      _mm256_storeu_ps(s + t, e);
+      total = _mm256_add_ps(total, e);
+    }
+    float sum = hsum(total);
+    for (; t < hi; ++t) sum += (s[t] = std::exp(s[t] - m));
+    state.sum(i) += sum;
+    return true;
+  }
+
+  const Problem& p_;
+  const Attributes& a_;
+  float scale_;
+};
+
+// Combine the KV chunks of one (token, head) and the head sink into the output row.
+void merge(const Problem& p, const std::vector<const float*>& partials, const float* sink, float* out) {
+  const int64_t Dv = p.v_head_size;
+  float m = sink ? *sink : kNegInf;
+  for (const float* s : partials) m = std::max(m, s[0]);
+  std::fill_n(out, Dv, 0.f);
+  if (m == kNegInf) return;  // fully masked, no sink: zeros
+  float total = sink ? std::exp(*sink - m) : 0.f;
+  for (const float* s : partials) {
+    if (s[0] == kNegInf) continue;
+    const float w = std::exp(s[0] - m);
+    total += w * s[1];
+    axpy(out, w, s + 2, Dv);
+  }
+  if (total > 0.f) scale_row(out, 1.f / total, Dv);
+}
+
 struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
-  explicit PagedAttentionKernel(const OrtKernelInfo*) {}
-  void Compute(Ort::KernelContext&) { fail("PagedAttention", "kernel not implemented yet"); }
+  Attributes a;
+
+  explicit PagedAttentionKernel(const OrtKernelInfo* info) {
+    a.num_heads = attribute_or<int64_t>(info, "num_heads", 0);
+    a.kv_num_heads = attribute_or<int64_t>(info, "kv_num_heads", 0);
+    a.scale = attribute_or<float>(info, "scale", 0.f);
+    a.softcap = attribute_or<float>(info, "softcap", 0.f);
+    a.is_causal = attribute_or<int64_t>(info, "is_causal", 1);
+    a.local_window_size = attribute_or<int64_t>(info, "local_window_size", -1);
+  }
+
+  void Compute(Ort::KernelContext& ctx) {
+    const Problem p = check(ctx, a);
+    auto output = ctx.GetOutput(0, {p.tokens, p.heads * p.v_head_size});
+    auto key_out = ctx.GetOutput(1, p.key_cache.shape);
+    auto value_out = ctx.GetOutput(2, p.value_cache.shape);
+
+    // 1. Plan: segments per sequence, work items (sequence, query tile, chunk of segments).
+    std::vector<std::vector<Segment>> segments(size_t(p.batch));
+    std::vector<WorkItem> items;
+    int64_t total_segments = 0;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      segments[size_t(b)] = segments_of(p, b);
+      const int64_t n = p.cu.as<int32_t>()[b + 1] - p.cu.as<int32_t>()[b];
+      total_segments += int64_t(segments[size_t(b)].size()) * ((n + kQueryTile - 1) / kQueryTile);
+    }
+    const int64_t chunk = std::max<int64_t>(8, (total_segments + 63) / 64);  // ~64 items
+    int64_t state_size = 0;
+    const int64_t per_row = p.heads * (p.v_head_size + 2);
+    for (int64_t b = 0; b < p.batch; ++b) {
+      const int64_t n = p.cu.as<int32_t>()[b + 1] - p.cu.as<int32_t>()[b];
+      const int64_t past = p.past.as<int32_t>()[b];
+      const auto& segs = segments[size_t(b)];
+      for (int64_t r0 = 0; r0 < n; r0 += kQueryTile) {
+        const int64_t r1 = std::min(n, r0 + kQueryTile);
+        // Segments this tile can see at all (causal: nothing after its last query).
+        int64_t first = 0, last = int64_t(segs.size());
+        if (a.is_causal)
+          while (last > 0 && segs[size_t(last - 1)].first_position > past + r1 - 1) --last;
+        if (a.local_window_size >= 0)
+          while (first < last && segs[size_t(first)].first_position + segs[size_t(first)].count <=
+                                     past + r0 - a.local_window_size) ++first;
+        if (first == last) last = first + (segs.empty() ? 0 : 1);  // keep one (fully masked) item
+        for (int64_t s = first; s < std::max(last, first + 1); s += chunk) {
+          items.push_back({b, r0, r1, s, std::min(last, s + chunk), state_size});
+          state_size += (r1 - r0) * per_row;
+        }
+      }
+    }
+    std::vector<float> states(static_cast<size_t>(state_size));
+
+    // 2. Attention over the input caches.
+    Attention attention(p, a);
+    parallel_for(ctx, items.size(), [&](size_t i) {
+      attention.run(items[i], segments[size_t(items[i].seq)], &states[size_t(items[i].state_offset)]);
+    });
+
+    // 3. Merge the chunks of each query row, add the sink, write the output.
+    std::vector<std::vector<size_t>> items_of_row(size_t(p.tokens));
+    for (size_t i = 0; i < items.size(); ++i)
+      for (int64_t r = items[i].row_begin; r < items[i].row_end; ++r)
+        items_of_row[size_t(p.cu.as<int32_t>()[items[i].seq] + r)].push_back(i);
+    std::vector<int64_t> seq_of_token(size_t(p.tokens));
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t t = p.cu.as<int32_t>()[b]; t < p.cu.as<int32_t>()[b + 1]; ++t) seq_of_token[size_t(t)] = b;
+    std::vector<float> sink(size_t(p.heads));
+    if (p.sink.present()) load_row(p.sink.data, p.qkv_type, sink.data(), p.heads);
+    void* out = output.GetTensorMutableRawData();
+    parallel_for(ctx, size_t(p.tokens), [&](size_t t) {
+      std::vector<float> row(size_t(p.heads * p.v_head_size));
+      std::vector<const float*> partials;
+      for (int64_t h = 0; h < p.heads; ++h) {
+        partials.clear();
+        for (size_t i : items_of_row[t]) {
+          const WorkItem& item = items[i];
+          const int64_t r = int64_t(t) - p.cu.as<int32_t>()[item.seq] - item.row_begin;
+          partials.push_back(&states[size_t(item.state_offset + (r * p.heads + h) * (p.v_head_size + 2))]);
+        }
+        merge(p, partials, p.sink.present() ? &sink[size_t(h)] : nullptr, &row[size_t(h * p.v_head_size)]);
+      }
+      store_row(row.data(), p.qkv_type, static_cast<char*>(out) + t * p.heads * p.v_head_size * dtype_size(p.qkv_type),
+                p.heads * p.v_head_size);
+    });
+
+    // 4. The caches: copy when not bound in place, then write the new rows at their slots.
+    write_caches(ctx, p, key_out.GetTensorMutableRawData(), value_out.GetTensorMutableRawData(), seq_of_token);
+  }
+
+  void write_caches(Ort::KernelContext& ctx, const Problem& p, void* key_out, void* value_out,
+                    const std::vector<int64_t>& seq_of_token) const {
+    const size_t cache_bytes = dtype_size(p.cache_type), input_bytes = dtype_size(p.qkv_type);
+    for (auto [dst, src, size] : {std::tuple{key_out, p.key_cache.data, p.key_cache.size()},
+                                  std::tuple{value_out, p.value_cache.data, p.value_cache.size()}}) {
+      if (dst == src) continue;  // bound in place: nothing to copy
+      const size_t bytes = size_t(size) * cache_bytes, piece = size_t(1) << 22;
+      parallel_for(ctx, (bytes + piece - 1) / piece, [&](size_t i) {
+        std::memcpy(static_cast<char*>(dst) + i * piece, static_cast<const char*>(src) + i * piece,
+                    std::min(piece, bytes - i * piece));
+      });
+    }
+    const int64_t k_row = p.kv_heads * p.head_size, v_row = p.kv_heads * p.v_head_size;
+    parallel_for(ctx, size_t(p.tokens), [&](size_t t) {
+      int64_t slot;
+      if (p.slots.present()) {
+        slot = p.slots.as<int32_t>()[t];
+      } else {
+        const int64_t b = seq_of_token[t];
+        const int64_t pos = p.past.as<int32_t>()[b] + int64_t(t) - p.cu.as<int32_t>()[b];
+        slot = int64_t(p.table.as<int32_t>()[b * p.max_blocks + pos / p.block_size]) * p.block_size + pos % p.block_size;
+      }
+      if (slot < 0) return;
+      std::vector<float> scratch(size_t(std::max(k_row, v_row)));
+      convert_row(static_cast<const char*>(p.key.data) + t * k_row * input_bytes, p.qkv_type,
+                  static_cast<char*>(key_out) + size_t(slot * k_row) * cache_bytes, p.cache_type, k_row, scratch.data());
+      convert_row(static_cast<const char*>(p.value.data) + t * v_row * input_bytes, p.qkv_type,
+                  static_cast<char*>(value_out) + size_t(slot * v_row) * cache_bytes, p.cache_type, v_row, scratch.data());
+    });
+  }
 };
 
 struct PagedAttentionOp : OpBase<PagedAttentionOp, PagedAttentionKernel> {
