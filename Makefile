@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 # The C++ kernel library is built by the package build (setup.py); its sources trigger rebuilds.
 KERNEL_SOURCES := setup.py tools/ort_headers.py $(wildcard src/onnxgen/kernels/csrc/*)
 
-.PHONY: install install-dev demo test docs clean
+.PHONY: install install-dev demo test docs asan-test clean
 
 $(VENV)/.runtime: pyproject.toml $(KERNEL_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,15 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 -q
 
+# The kernel tests once more against a build of the library with AddressSanitizer.
+ASAN_LIB := $(CURDIR)/build/asan/onnxgen/kernels/libonnxgen_kernels.so
+asan-test: $(VENV)/.dev
+	ONNXGEN_SANITIZE=address $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp --force
+	ONNXGEN_KERNELS_LIBRARY=$(ASAN_LIB) LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:xdist tests/test_kernels_*.py
+
 docs: $(VENV)/.runtime
 	$(VENV)/bin/onnxgen docs
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build src/*.egg-info src/onnxgen/kernels/*.so .pytest_cache .hypothesis

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <sstream>
@@ -230,6 +231,136 @@ inline __m256 exp256(__m256 x) {
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+// ---- AVX-512 paths, chosen at run time (the build baseline is x86-64-v3) --------------------
+
+#define ONNXGEN_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))
+
+// ONNXGEN_NO_AVX512=1 forces the AVX2 paths (to test them on a machine that has AVX-512).
+inline bool has_avx512() {
+  static const bool yes = !std::getenv("ONNXGEN_NO_AVX512") && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+
+// Loads of 16 (AVX-512) or 8 (AVX2) floats from rows of any float element type, the tail masked.
+template <DType T>
+ONNXGEN_AVX512 inline __m512 load16(const void* row, int64_t i, __mmask16 m = 0xffff) {
+  if constexpr (T == DType::f32) {
+    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(row) + i);
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(row) + i);
+    if constexpr (T == DType::f16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <DType T>
+inline __m256 load8(const void* row, int64_t i) {
+  if constexpr (T == DType::f32) {
+    return _mm256_loadu_ps(static_cast<const float*>(row) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(row) + i));
+    if constexpr (T == DType::f16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <DType T>
+inline float load1(const void* row, int64_t i) {
+  if constexpr (T == DType::f32) return static_cast<const float*>(row)[i];
+  else if constexpr (T == DType::f16) return f16_to_f32(static_cast<const uint16_t*>(row)[i]);
+  else return bf16_to_f32(static_cast<const uint16_t*>(row)[i]);
+}
+
+// out[i * out_stride] = q[i] . k for the nq fp32 query vectors q (each n long, contiguous)
+// against one key row k of element type T, loaded (and converted) once for all of them.
+template <DType T>
+ONNXGEN_AVX512 void dots_avx512(const float* q, int64_t nq, const void* k, int64_t n, float* out, int64_t out_stride) {
+  const int64_t full = n & ~int64_t(15);
+  const __mmask16 tail = __mmask16((1u << (n - full)) - 1);
+  int64_t i = 0;
+  for (; i + 4 <= nq; i += 4) {
+    const float *q0 = q + i * n, *q1 = q0 + n, *q2 = q1 + n, *q3 = q2 + n;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 16) {
+      const __mmask16 m = d < full ? __mmask16(0xffff) : tail;
+      const __m512 kv = load16<T>(k, d, m);
+      a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q0 + d), kv, a0);
+      a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q1 + d), kv, a1);
+      a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q2 + d), kv, a2);
+      a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q3 + d), kv, a3);
+    }
+    out[(i + 0) * out_stride] = _mm512_reduce_add_ps(a0);
+    out[(i + 1) * out_stride] = _mm512_reduce_add_ps(a1);
+    out[(i + 2) * out_stride] = _mm512_reduce_add_ps(a2);
+    out[(i + 3) * out_stride] = _mm512_reduce_add_ps(a3);
+  }
+  for (; i < nq; ++i) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 16) {
+      const __mmask16 m = d < full ? __mmask16(0xffff) : tail;
+      a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + i * n + d), load16<T>(k, d, m), a);
+    }
+    out[i * out_stride] = _mm512_reduce_add_ps(a);
+  }
+}
+
+template <DType T>
+void dots_avx2(const float* q, int64_t nq, const void* k, int64_t n, float* out, int64_t out_stride) {
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* qi = q + i * n;
+    __m256 a = _mm256_setzero_ps();
+    int64_t d = 0;
+    for (; d + 8 <= n; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qi + d), load8<T>(k, d), a);
+    float sum = hsum(a);
+    for (; d < n; ++d) sum += qi[d] * load1<T>(k, d);
+    out[i * out_stride] = sum;
+  }
+}
+
+// y[0:n] += a * x[0:n] for a row x of element type T.
+template <DType T>
+ONNXGEN_AVX512 void axpy_avx512(float* y, float a, const void* x, int64_t n) {
+  const __m512 va = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(va, load16<T>(x, i), _mm512_loadu_ps(y + i)));
+  if (i < n) {
+    const __mmask16 m = __mmask16((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(va, load16<T>(x, i, m), _mm512_maskz_loadu_ps(m, y + i)));
+  }
+}
+
+template <DType T>
+void axpy_avx2(float* y, float a, const void* x, int64_t n) {
+  const __m256 va = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8<T>(x, i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * load1<T>(x, i);
+}
+
+// The best dots/axpy for rows of a given element type on this CPU.
+using DotsFn = void (*)(const float*, int64_t, const void*, int64_t, float*, int64_t);
+using AxpyFn = void (*)(float*, float, const void*, int64_t);
+
+inline DotsFn dots_for(DType t) {
+  const bool wide = has_avx512();
+  switch (t) {
+    case DType::f32: return wide ? dots_avx512<DType::f32> : dots_avx2<DType::f32>;
+    case DType::f16: return wide ? dots_avx512<DType::f16> : dots_avx2<DType::f16>;
+    default: return wide ? dots_avx512<DType::bf16> : dots_avx2<DType::bf16>;
+  }
+}
+
+inline AxpyFn axpy_for(DType t) {
+  const bool wide = has_avx512();
+  switch (t) {
+    case DType::f32: return wide ? axpy_avx512<DType::f32> : axpy_avx2<DType::f32>;
+    case DType::f16: return wide ? axpy_avx512<DType::f16> : axpy_avx2<DType::f16>;
+    default: return wide ? axpy_avx512<DType::bf16> : axpy_avx2<DType::bf16>;
+  }
 }
 
 // ---- threads -----------------------------------------------------------------------------

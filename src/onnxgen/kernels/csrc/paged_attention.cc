@@ -185,21 +185,32 @@ class Attention {
     for (int64_t i = 0; i < rows * H; ++i) state.max(i) = kNegInf, state.sum(i) = 0.f, std::fill_n(state.acc(i), Dv, 0.f);
 
     const int64_t bs = p_.block_size;
-    std::vector<float> k_buf(size_t(bs * Hkv * D)), v_buf(size_t(bs * Hkv * Dv));
     std::vector<float> scores(size_t(rows * H * bs));  // [row][head][token]
+    const size_t k_bytes = size_t(bs * Hkv * D), v_bytes = size_t(bs * Hkv * Dv);
+    // Blocks lie anywhere in the cache, so the hardware prefetcher restarts at each one: ask
+    // for the rows of the segment `ahead` places on (about 128 KiB on) while this one is computed.
+    const int64_t segment_bytes = int64_t((k_bytes + v_bytes) * dtype_size(p_.cache_type));
+    const int64_t ahead = std::max<int64_t>(1, (int64_t(128) << 10) / std::max<int64_t>(segment_bytes, 1));
+    auto prefetch_segment = [&](int64_t s) {
+      if (s >= item.segment_end) return;
+      const Segment& next = segments[size_t(s)];
+      const size_t width = dtype_size(next.type);
+      prefetch(next.key, size_t(next.count) * k_bytes / size_t(bs) * width);
+      prefetch(next.value, size_t(next.count) * v_bytes / size_t(bs) * width);
+    };
+    for (int64_t s = item.segment_begin + 1; s < item.segment_begin + ahead; ++s) prefetch_segment(s);
     for (int64_t s = item.segment_begin; s < item.segment_end; ++s) {
       const Segment& seg = segments[size_t(s)];
       const int64_t n = seg.count;
-      const float* k = rows_f32(seg.key, seg.type, n * Hkv * D, k_buf);
+      prefetch_segment(s + ahead);
+      const DotsFn dots = dots_for(seg.type);
+      const size_t width = dtype_size(seg.type);
       // Scores, in the segment's memory order: token, KV head, then the queries that read it.
       for (int64_t t = 0; t < n; ++t)
         for (int64_t h = 0; h < Hkv; ++h) {
-          const float* krow = k + (t * Hkv + h) * D;
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t g = 0; g < G; ++g) {
-              const int64_t head = h * G + g;
-              scores[size_t((r * H + head) * bs + t)] = dot(&q[size_t((r * H + head) * D)], krow, D);
-            }
+          const void* krow = static_cast<const char*>(seg.key) + size_t((t * Hkv + h) * D) * width;
+          for (int64_t r = 0; r < rows; ++r)  // the G query heads of KV head h read this row
+            dots(&q[size_t((r * H + h * G) * D)], G, krow, D, &scores[size_t((r * H + h * G) * bs + t)], bs);
         }
       bool any = false;
       for (int64_t r = 0; r < rows; ++r) {
@@ -212,26 +223,24 @@ class Attention {
                               hi - seg.first_position, state, r * H + head);
       }
       if (!any) continue;
-      const float* v = rows_f32(seg.value, seg.type, n * Hkv * Dv, v_buf);
+      const AxpyFn axpy_row = axpy_for(seg.type);
       for (int64_t t = 0; t < n; ++t)
         for (int64_t h = 0; h < Hkv; ++h) {
-          const float* vrow = v + (t * Hkv + h) * Dv;
+          const void* vrow = static_cast<const char*>(seg.value) + size_t((t * Hkv + h) * Dv) * width;
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t g = 0; g < G; ++g) {
               const int64_t i = r * H + h * G + g;
               const float w = scores[size_t(i * bs + t)];
-              if (w != 0.f) axpy(state.acc(i), w, vrow, Dv);
+              if (w != 0.f) axpy_row(state.acc(i), w, vrow, Dv);
             }
         }
     }
   }
 
  private:
-  // fp32 rows of a segment: the data itself, or a converted copy in `buffer`.
-  static const float* rows_f32(const void* data, DType type, int64_t n, std::vector<float>& buffer) {
-    if (type == DType::f32) return static_cast<const float*>(data);
-    load_row(data, type, buffer.data(), n);
-    return buffer.data();
+  static void prefetch(const void* data, size_t bytes) {
+    const char* p = static_cast<const char*>(data);
+    for (size_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T1);
   }
 
   // Softcap and mask one row of scores (visible tokens [lo, hi)), fold it into the running
