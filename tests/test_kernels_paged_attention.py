@@ -260,3 +260,20 @@ def test_session_falls_back_to_expansion_with_a_warning(rng, monkeypatch):
     np.testing.assert_allclose(out, oracle(inputs, **attrs), rtol=1e-4, atol=1e-4)
     want_k, want_v = expected_caches(inputs)
     np.testing.assert_array_equal(s.caches["key_cache"], want_k)
+
+
+def test_avx2_path(tmp_path):
+    """The same kernel tests with AVX-512 switched off: the x86-64-v3 baseline path."""
+    import os
+    import subprocess
+    import sys
+
+    if os.environ.get("ONNXGEN_NO_AVX512"):
+        pytest.skip("already running the AVX2 path")
+    env = {**os.environ, "ONNXGEN_NO_AVX512": "1"}
+    selection = "matches_oracle or attributes or low_precision or long_sequences or head_sink"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", __file__, "-k", selection],
+        env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__),
+    )
+    assert result.returncode == 0, result.stdout[-3000:]

@@ -7,6 +7,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -339,6 +341,102 @@ void axpy_avx2(float* y, float a, const void* x, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, load8<T>(x, i), _mm256_loadu_ps(y + i)));
   for (; i < n; ++i) y[i] += a * load1<T>(x, i);
+}
+
+// ---- tiles for many queries per key block (prefill), AVX-512 ------------------------------
+
+// kt[d * 16 + t] = float(rows[t * row_stride + d]) for t < n (<= 16), zero for n <= t < 16.
+template <DType T>
+ONNXGEN_AVX512 void transpose_rows16(const void* rows, int64_t row_stride, int64_t n, int64_t depth, float* kt) {
+  const size_t width = dtype_size(T);
+  for (int64_t d = 0; d < depth; d += 16) {
+    const int64_t m = std::min<int64_t>(16, depth - d);
+    alignas(64) float tile[16][16] = {};
+    for (int64_t t = 0; t < n; ++t) {
+      const void* row = static_cast<const char*>(rows) + size_t(t * row_stride) * width;
+      _mm512_storeu_ps(tile[t], load16<T>(row, d, __mmask16((1u << m) - 1)));
+    }
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t t = 0; t < 16; ++t) kt[(d + i) * 16 + t] = tile[t][i];
+  }
+}
+
+// out[v][t] = q[v] . k_t for nq query vectors q[v] (each `depth` long) and the 16 keys of kt
+// (depth x 16, from transpose_rows16), t < n: broadcast-FMAs, no horizontal sums.
+ONNXGEN_AVX512 inline void scores_tile(const float* const* q, int64_t nq, const float* kt, int64_t depth,
+                                       float* const* out, int64_t n) {
+  const __mmask16 keep = __mmask16((1u << n) - 1);
+  int64_t v = 0;
+  for (; v + 4 <= nq; v += 4) {
+    const float *q0 = q[v], *q1 = q[v + 1], *q2 = q[v + 2], *q3 = q[v + 3];
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    for (int64_t d = 0; d < depth; ++d) {
+      const __m512 k = _mm512_loadu_ps(kt + d * 16);
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), k, a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), k, a1);
+      a2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), k, a2);
+      a3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), k, a3);
+    }
+    _mm512_mask_storeu_ps(out[v], keep, a0);
+    _mm512_mask_storeu_ps(out[v + 1], keep, a1);
+    _mm512_mask_storeu_ps(out[v + 2], keep, a2);
+    _mm512_mask_storeu_ps(out[v + 3], keep, a3);
+  }
+  for (; v < nq; ++v) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t d = 0; d < depth; ++d) a = _mm512_fmadd_ps(_mm512_set1_ps(q[v][d]), _mm512_loadu_ps(kt + d * 16), a);
+    _mm512_mask_storeu_ps(out[v], keep, a);
+  }
+}
+
+// acc[v][0:dv] += sum_{t < n} probs[v][t] * row_t for nq queries, two at a time with the sums
+// held in registers; rows of element type T, `row_stride` elements apart.
+template <DType T>
+ONNXGEN_AVX512 void weighted_rows(const float* const* probs, int64_t nq, const void* rows, int64_t row_stride,
+                                  int64_t n, int64_t dv, float* const* acc) {
+  const size_t width = dtype_size(T);
+  for (int64_t c = 0; c < dv; c += 128) {  // up to 8 zmm of values per query
+    const int64_t span = std::min<int64_t>(128, dv - c), chunks = (span + 15) / 16;
+    const __mmask16 tail = __mmask16((1u << (span - (chunks - 1) * 16)) - 1);
+    for (int64_t v = 0; v < nq; v += 2) {
+      const bool two = v + 1 < nq;
+      __m512 s0[8], s1[8];
+      for (int j = 0; j < 8; ++j) s0[j] = s1[j] = _mm512_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        const float p0 = probs[v][t], p1 = two ? probs[v + 1][t] : 0.f;
+        if (p0 == 0.f && p1 == 0.f) continue;
+        const void* row = static_cast<const char*>(rows) + size_t(t * row_stride + c) * width;
+        const __m512 b0 = _mm512_set1_ps(p0), b1 = _mm512_set1_ps(p1);
+        for (int64_t j = 0; j < chunks; ++j) {
+          const __m512 x = load16<T>(row, j * 16, j + 1 < chunks ? __mmask16(0xffff) : tail);
+          s0[j] = _mm512_fmadd_ps(b0, x, s0[j]);
+          s1[j] = _mm512_fmadd_ps(b1, x, s1[j]);
+        }
+      }
+      for (int64_t j = 0; j < chunks; ++j) {
+        const __mmask16 m = j + 1 < chunks ? __mmask16(0xffff) : tail;
+        float* a0 = acc[v] + c + j * 16;
+        _mm512_mask_storeu_ps(a0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a0), s0[j]));
+        if (two) {
+          float* a1 = acc[v + 1] + c + j * 16;
+          _mm512_mask_storeu_ps(a1, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a1), s1[j]));
+        }
+      }
+    }
+  }
+}
+
+using TransposeFn = void (*)(const void*, int64_t, int64_t, int64_t, float*);
+using WeightedRowsFn = void (*)(const float* const*, int64_t, const void*, int64_t, int64_t, int64_t, float* const*);
+
+inline TransposeFn transpose_for(DType t) {
+  return t == DType::f32 ? transpose_rows16<DType::f32> : t == DType::f16 ? transpose_rows16<DType::f16>
+                                                                          : transpose_rows16<DType::bf16>;
+}
+
+inline WeightedRowsFn weighted_rows_for(DType t) {
+  return t == DType::f32 ? weighted_rows<DType::f32> : t == DType::f16 ? weighted_rows<DType::f16>
+                                                                       : weighted_rows<DType::bf16>;
 }
 
 // The best dots/axpy for rows of a given element type on this CPU.

@@ -186,6 +186,23 @@ class Attention {
 
     const int64_t bs = p_.block_size;
     std::vector<float> scores(size_t(rows * H * bs));  // [row][head][token]
+    // With many queries per KV head (prefill tiles), the AVX-512 tiled path; per KV head h its
+    // query vectors are v = (row, g), state index head_of[h * rows * G + v].
+    const bool tiled = has_avx512() && rows * G >= 16;
+    std::vector<int64_t> head_of(size_t(Hkv * rows * G));
+    std::vector<const float*> queries(head_of.size()), prob_rows(size_t(rows * G));
+    std::vector<float*> score_rows(size_t(rows * G)), acc_rows(size_t(rows * G));
+    std::vector<float> kt;  // one head's keys of a segment, transposed: [D][16]
+    if (tiled) {
+      kt.assign(size_t(((D + 15) / 16) * 16 * 16) + 16, 0.f);
+      for (int64_t h = 0; h < Hkv; ++h)
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t v = h * rows * G + r * G + g, i = r * H + h * G + g;
+            head_of[size_t(v)] = i;
+            queries[size_t(v)] = &q[size_t(i * D)];
+          }
+    }
     const size_t k_bytes = size_t(bs * Hkv * D), v_bytes = size_t(bs * Hkv * Dv);
     // Blocks lie anywhere in the cache, so the hardware prefetcher restarts at each one: ask
     // for the rows of the segment `ahead` places on (about 128 KiB on) while this one is computed.
@@ -203,15 +220,27 @@ class Attention {
       const Segment& seg = segments[size_t(s)];
       const int64_t n = seg.count;
       prefetch_segment(s + ahead);
-      const DotsFn dots = dots_for(seg.type);
       const size_t width = dtype_size(seg.type);
-      // Scores, in the segment's memory order: token, KV head, then the queries that read it.
-      for (int64_t t = 0; t < n; ++t)
+      if (tiled) {  // many queries per key: transpose each head's keys once, then broadcast-FMAs
+        const TransposeFn transpose = transpose_for(seg.type);
         for (int64_t h = 0; h < Hkv; ++h) {
-          const void* krow = static_cast<const char*>(seg.key) + size_t((t * Hkv + h) * D) * width;
-          for (int64_t r = 0; r < rows; ++r)  // the G query heads of KV head h read this row
-            dots(&q[size_t((r * H + h * G) * D)], G, krow, D, &scores[size_t((r * H + h * G) * bs + t)], bs);
+          for (int64_t c = 0; c < n; c += 16) {
+            const int64_t m = std::min<int64_t>(16, n - c);
+            transpose(static_cast<const char*>(seg.key) + size_t((c * Hkv + h) * D) * width, Hkv * D, m, D, kt.data());
+            for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(head_of[size_t(h * rows * G + v)] * bs + c)];
+            scores_tile(&queries[size_t(h * rows * G)], rows * G, kt.data(), D, score_rows.data(), m);
+          }
         }
+      } else {
+        const DotsFn dots = dots_for(seg.type);
+        // Scores, in the segment's memory order: token, KV head, then the queries that read it.
+        for (int64_t t = 0; t < n; ++t)
+          for (int64_t h = 0; h < Hkv; ++h) {
+            const void* krow = static_cast<const char*>(seg.key) + size_t((t * Hkv + h) * D) * width;
+            for (int64_t r = 0; r < rows; ++r)  // the G query heads of KV head h read this row
+              dots(&q[size_t((r * H + h * G) * D)], G, krow, D, &scores[size_t((r * H + h * G) * bs + t)], bs);
+          }
+      }
       bool any = false;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t q_pos = past + item.row_begin + r;
@@ -223,6 +252,19 @@ class Attention {
                               hi - seg.first_position, state, r * H + head);
       }
       if (!any) continue;
+      if (tiled) {
+        const WeightedRowsFn weigh = weighted_rows_for(seg.type);
+        for (int64_t h = 0; h < Hkv; ++h) {
+          for (int64_t v = 0; v < rows * G; ++v) {
+            const int64_t i = head_of[size_t(h * rows * G + v)];
+            prob_rows[size_t(v)] = &scores[size_t(i * bs)];
+            acc_rows[size_t(v)] = state.acc(i);
+          }
+          weigh(prob_rows.data(), rows * G, static_cast<const char*>(seg.value) + size_t(h * Dv) * width, Hkv * Dv, n,
+                Dv, acc_rows.data());
+        }
+        continue;
+      }
       const AxpyFn axpy_row = axpy_for(seg.type);
       for (int64_t t = 0; t < n; ++t)
         for (int64_t h = 0; h < Hkv; ++h) {
