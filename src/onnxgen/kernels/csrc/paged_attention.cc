@@ -193,7 +193,7 @@ class Attention {
     std::vector<const float*> queries(head_of.size()), prob_rows(size_t(rows * G));
     std::vector<float*> score_rows(size_t(rows * G)), acc_rows(size_t(rows * G));
     std::vector<float> kt;  // one head's keys of a segment, transposed: [D][16]
-    if (tiled) {
+    if (has_avx512()) {
       kt.assign(size_t(((D + 15) / 16) * 16 * 16) + 16, 0.f);
       for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t r = 0; r < rows; ++r)
@@ -252,7 +252,7 @@ class Attention {
                               hi - seg.first_position, state, r * H + head);
       }
       if (!any) continue;
-      if (tiled) {
+      if (has_avx512()) {  // values accumulate in registers, two queries at a time
         const WeightedRowsFn weigh = weighted_rows_for(seg.type);
         for (int64_t h = 0; h < Hkv; ++h) {
           for (int64_t v = 0; v < rows * G; ++v) {
