@@ -41,7 +41,7 @@ class BuildKernels(build_ext):
 
 
 flags = ["-std=c++17", "-O3", "-march=x86-64-v3", "-fvisibility=hidden", "-fno-math-errno", "-Wall", "-Wno-unused-function",
-         "-Wno-maybe-uninitialized"]  # GCC 12 false positives inside AVX-512 intrinsics
+         "-Wno-maybe-uninitialized", "-Wno-uninitialized"]  # GCC 12 false positives inside AVX-512 intrinsics
 link = []
 if os.environ.get("ONNXGEN_SANITIZE") == "address":
     flags = [f for f in flags if f != "-O3"] + ["-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer"]

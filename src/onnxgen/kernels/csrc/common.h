@@ -310,6 +310,57 @@ ONNXGEN_AVX512 void dots_avx512(const float* q, int64_t nq, const void* k, int64
   }
 }
 
+// out[v * out_stride + t] = q_v . k_t for 4 query vectors (contiguous, `n` apart) and 4 key
+// rows (`k_stride` elements apart) of type T: 16 accumulators, reduced together by a
+// transpose-add tree (45 shuffles and adds instead of 16 horizontal sums).
+template <DType T>
+ONNXGEN_AVX512 void dots4x4_avx512(const float* q, const void* k, int64_t k_stride, int64_t n, float* out,
+                                   int64_t out_stride) {
+  const size_t width = dtype_size(T);
+  const void* rows[4];
+  for (int t = 0; t < 4; ++t) rows[t] = static_cast<const char*>(k) + size_t(t * k_stride) * width;
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+  const int64_t full = n & ~int64_t(15);
+  const __mmask16 tail = __mmask16((1u << (n - full)) - 1);
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 m = d < full ? __mmask16(0xffff) : tail;
+    const __m512 k0 = load16<T>(rows[0], d, m), k1 = load16<T>(rows[1], d, m);
+    const __m512 k2 = load16<T>(rows[2], d, m), k3 = load16<T>(rows[3], d, m);
+    for (int v = 0; v < 4; ++v) {
+      const __m512 qv = _mm512_maskz_loadu_ps(m, q + v * n + d);
+      a[v * 4 + 0] = _mm512_fmadd_ps(qv, k0, a[v * 4 + 0]);
+      a[v * 4 + 1] = _mm512_fmadd_ps(qv, k1, a[v * 4 + 1]);
+      a[v * 4 + 2] = _mm512_fmadd_ps(qv, k2, a[v * 4 + 2]);
+      a[v * 4 + 3] = _mm512_fmadd_ps(qv, k3, a[v * 4 + 3]);
+    }
+  }
+  // Level 1: within each 128-bit lane, pairwise sums of neighbours' elements.
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  // Level 2: each 128-bit lane of y[j] holds that lane's sums of a[4j .. 4j+3].
+  for (int j = 0; j < 4; ++j)
+    y[j] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // Levels 3 and 4: add the four 128-bit lanes; element i of the result is the sum of a[i].
+  for (int j = 0; j < 2; ++j)
+    z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(64) float flat[16];
+  _mm512_store_ps(flat, sums);
+  for (int v = 0; v < 4; ++v) std::memcpy(out + v * out_stride, flat + v * 4, 4 * sizeof(float));
+}
+
+using Dots4x4Fn = void (*)(const float*, const void*, int64_t, int64_t, float*, int64_t);
+
+inline Dots4x4Fn dots4x4_for(DType t) {
+  return t == DType::f32 ? dots4x4_avx512<DType::f32> : t == DType::f16 ? dots4x4_avx512<DType::f16>
+                                                                        : dots4x4_avx512<DType::bf16>;
+}
+
 template <DType T>
 void dots_avx2(const float* q, int64_t nq, const void* k, int64_t n, float* out, int64_t out_stride) {
   for (int64_t i = 0; i < nq; ++i) {
