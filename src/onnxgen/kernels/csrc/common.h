@@ -440,39 +440,41 @@ ONNXGEN_AVX512 inline void scores_tile(const float* const* q, int64_t nq, const 
   }
 }
 
-// acc[v][0:dv] += sum_{t < n} probs[v][t] * row_t for nq queries, two at a time with the sums
-// held in registers; rows of element type T, `row_stride` elements apart.
+// acc[v][0:dv] += sum_{t < n} probs[v][t] * row_t for nq queries: four queries x 64 columns
+// of sums held in registers, so each value row is loaded (and converted) once per four queries.
 template <DType T>
 ONNXGEN_AVX512 void weighted_rows(const float* const* probs, int64_t nq, const void* rows, int64_t row_stride,
                                   int64_t n, int64_t dv, float* const* acc) {
   const size_t width = dtype_size(T);
-  for (int64_t c = 0; c < dv; c += 128) {  // up to 8 zmm of values per query
-    const int64_t span = std::min<int64_t>(128, dv - c), chunks = (span + 15) / 16;
+  for (int64_t c = 0; c < dv; c += 64) {
+    const int64_t span = std::min<int64_t>(64, dv - c), chunks = (span + 15) / 16;
     const __mmask16 tail = __mmask16((1u << (span - (chunks - 1) * 16)) - 1);
-    for (int64_t v = 0; v < nq; v += 2) {
-      const bool two = v + 1 < nq;
-      __m512 s0[8], s1[8];
-      for (int j = 0; j < 8; ++j) s0[j] = s1[j] = _mm512_setzero_ps();
+    for (int64_t v0 = 0; v0 < nq; v0 += 4) {
+      const int64_t count = std::min<int64_t>(4, nq - v0);
+      __m512 s[4][4];
+      for (auto& row : s)
+        for (auto& x : row) x = _mm512_setzero_ps();
       for (int64_t t = 0; t < n; ++t) {
-        const float p0 = probs[v][t], p1 = two ? probs[v + 1][t] : 0.f;
-        if (p0 == 0.f && p1 == 0.f) continue;
+        __m512 b[4];
+        bool any = false;
+        for (int64_t v = 0; v < 4; ++v) {
+          const float p = v < count ? probs[v0 + v][t] : 0.f;
+          any |= p != 0.f;
+          b[v] = _mm512_set1_ps(p);
+        }
+        if (!any) continue;
         const void* row = static_cast<const char*>(rows) + size_t(t * row_stride + c) * width;
-        const __m512 b0 = _mm512_set1_ps(p0), b1 = _mm512_set1_ps(p1);
         for (int64_t j = 0; j < chunks; ++j) {
           const __m512 x = load16<T>(row, j * 16, j + 1 < chunks ? __mmask16(0xffff) : tail);
-          s0[j] = _mm512_fmadd_ps(b0, x, s0[j]);
-          s1[j] = _mm512_fmadd_ps(b1, x, s1[j]);
+          for (int64_t v = 0; v < 4; ++v) s[v][j] = _mm512_fmadd_ps(b[v], x, s[v][j]);
         }
       }
-      for (int64_t j = 0; j < chunks; ++j) {
-        const __mmask16 m = j + 1 < chunks ? __mmask16(0xffff) : tail;
-        float* a0 = acc[v] + c + j * 16;
-        _mm512_mask_storeu_ps(a0, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a0), s0[j]));
-        if (two) {
-          float* a1 = acc[v + 1] + c + j * 16;
-          _mm512_mask_storeu_ps(a1, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a1), s1[j]));
+      for (int64_t v = 0; v < count; ++v)
+        for (int64_t j = 0; j < chunks; ++j) {
+          const __mmask16 m = j + 1 < chunks ? __mmask16(0xffff) : tail;
+          float* a = acc[v0 + v] + c + j * 16;
+          _mm512_mask_storeu_ps(a, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a), s[v][j]));
         }
-      }
     }
   }
 }
