@@ -241,9 +241,13 @@ inline __m256 exp256(__m256 x) {
 
 // ONNXGEN_NO_AVX512=1 forces the AVX2 paths (to test them on a machine that has AVX-512).
 inline bool has_avx512() {
-  static const bool yes = !std::getenv("ONNXGEN_NO_AVX512") && __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                          __builtin_cpu_supports("avx512dq");
+  static const bool yes = [] {
+    const char* off = std::getenv("ONNXGEN_NO_AVX512");
+    if (off && *off && std::string(off) != "0") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  }();
   return yes;
 }
 

@@ -28,16 +28,6 @@ constexpr int kMaxNT = 512;       // most columns per tile
 constexpr int64_t kPanel = 8192;  // floats in a packed panel (32 KiB: stays in L1)
 constexpr int kMR = 6;            // rows of A per micro-kernel call
 
-inline bool use_avx512() {
-  static const bool yes = [] {
-    const char* off = std::getenv("ONNXGEN_NO_AVX512");
-    if (off && *off && std::string(off) != "0") return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return yes;
-}
 
 // An fp32 work buffer of at least n floats, kept per calling thread and reused across calls
 // (slot picks one of several): no allocation, page faults or zero-filling per call.
@@ -160,7 +150,7 @@ inline MicroKernel micro_kernel(int rows) {
                                             micro_avx512<4>, micro_avx512<5>, micro_avx512<6>};
   static const MicroKernel narrow[kMR + 1] = {nullptr, micro_avx2<1>, micro_avx2<2>, micro_avx2<3>,
                                               micro_avx2<4>, micro_avx2<5>, micro_avx2<6>};
-  return use_avx512() ? wide[rows] : narrow[rows];
+  return has_avx512() ? wide[rows] : narrow[rows];
 }
 
 // C[r, 0:n] = sum_k A[r][k] * B[k, 0:n] for r < m, k < K.  B points at the tile's first column

@@ -1,5 +1,7 @@
 // Entry point: onnxruntime calls RegisterCustomOps when a session registers this library.
 #include <mutex>
+#include <string>
+#include <vector>
 
 #include "ops.h"
 
@@ -13,10 +15,11 @@ OrtStatusPtr infer_outputs(OrtShapeInferContext* ctx, const OutputSpec* specs, s
     const OutputSpec& spec = specs[i];
     ONNXTensorElementDataType type = spec.fixed_type;
     std::vector<int64_t> dims(size_t(spec.rank), -1);
+    std::vector<const char*> symbols(dims.size(), "");
     if (spec.type_from >= 0 && size_t(spec.type_from) < inputs) {
-      OrtTensorTypeAndShapeInfo* info = nullptr;
+      OrtTensorTypeAndShapeInfo* info = nullptr;  // belongs to the context: not released
       if (OrtStatus* s = api.ShapeInferContext_GetInputTypeShape(ctx, spec.type_from, &info)) return s;
-      if (OrtStatus* s = api.GetTensorElementType(info, &type)) return s;  // `info` belongs to the context
+      if (OrtStatus* s = api.GetTensorElementType(info, &type)) return s;
     }
     if (spec.shape_from >= 0 && size_t(spec.shape_from) < inputs) {
       OrtTensorTypeAndShapeInfo* info = nullptr;
@@ -24,12 +27,23 @@ OrtStatusPtr infer_outputs(OrtShapeInferContext* ctx, const OutputSpec* specs, s
       size_t rank = 0;
       if (OrtStatus* s = api.GetDimensionsCount(info, &rank)) return s;
       dims.assign(rank, -1);
+      symbols.assign(rank, "");
       if (OrtStatus* s = api.GetDimensions(info, dims.data(), rank)) return s;
+      if (OrtStatus* s = api.GetSymbolicDimensions(info, symbols.data(), rank)) return s;
+    }
+    // An unknown dimension must be symbolic: onnxruntime takes a bare -1 for a size and then
+    // warns that the run's shape differs.  Unnamed ones get a name of their own.
+    std::vector<std::string> names(dims.size());
+    for (size_t d = 0; d < dims.size(); ++d) {
+      if (dims[d] >= 0 || (symbols[d] && *symbols[d])) continue;
+      names[d] = "onnxgen_out" + std::to_string(i) + "_" + std::to_string(d);
+      symbols[d] = names[d].c_str();
     }
     OrtTensorTypeAndShapeInfo* out = nullptr;
     if (OrtStatus* s = api.CreateTensorTypeAndShapeInfo(&out)) return s;
     OrtStatus* s = api.SetTensorElementType(out, type);
     if (!s) s = api.SetDimensions(out, dims.data(), dims.size());
+    if (!s) s = api.SetSymbolicDimensions(out, symbols.data(), symbols.size());
     if (!s) s = api.ShapeInferContext_SetOutputTypeShape(ctx, i, out);
     api.ReleaseTensorTypeAndShapeInfo(out);
     if (s) return s;
