@@ -33,7 +33,7 @@ test: $(VENV)/.dev
 ASAN_LIB := $(CURDIR)/build/asan/onnxgen/kernels/libonnxgen_kernels.so
 asan-test: $(VENV)/.dev
 	ONNXGEN_SANITIZE=address $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp --force
-	ONNXGEN_KERNELS_LIBRARY=$(ASAN_LIB) LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	ONNXGEN_KERNELS_LIBRARY=$(ASAN_LIB) LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:xdist tests/test_kernels_*.py
 
 docs: $(VENV)/.runtime
