@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 # The C++ kernel library is built by the package build (setup.py); its sources trigger rebuilds.
 KERNEL_SOURCES := setup.py tools/ort_headers.py $(wildcard src/onnxgen/kernels/csrc/*)
 
-.PHONY: install install-dev demo test docs asan-test clean
+.PHONY: install install-dev demo test docs asan-test bench clean
 
 $(VENV)/.runtime: pyproject.toml $(KERNEL_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,12 @@ asan-test: $(VENV)/.dev
 	ONNXGEN_SANITIZE=address $(PY) setup.py -q build_ext --build-lib build/asan --build-temp build/asan-tmp --force
 	ONNXGEN_KERNELS_LIBRARY=$(ASAN_LIB) LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 	  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:xdist tests/test_kernels_*.py
+
+# Ours against the peers (one process each, medians and ratios); wants a quiet machine.
+bench: $(VENV)/.dev
+	$(PIP) -e ".[bench]"
+	$(PY) benchmarks/bench_paged_attention.py
+	$(PY) benchmarks/bench_moe.py
 
 docs: $(VENV)/.runtime
 	$(VENV)/bin/onnxgen docs

@@ -271,9 +271,45 @@ def test_avx2_path(tmp_path):
     if os.environ.get("ONNXGEN_NO_AVX512"):
         pytest.skip("already running the AVX2 path")
     env = {**os.environ, "ONNXGEN_NO_AVX512": "1"}
-    selection = "matches_oracle or attributes or low_precision or long_sequences or head_sink"
+    selection = "matches_oracle or attributes or low_precision or long_sequences or head_sink or wide_heads"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", __file__, "-k", selection],
         env=env, capture_output=True, text=True, cwd=os.path.dirname(__file__),
     )
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+@pytest.mark.parametrize("head_size,group,mode", [(64, 4, "decode"), (32, 2, "mixed"), (64, 1, "prefill")])
+def test_bf16_cache_wide_heads(rng, head_size, group, mode):
+    """bf16 caches with head sizes that take the 32-wide even/odd path, against the reference."""
+    kv_heads, block_size, batch = 2, 16, 3
+    past = rng.integers(20, 60, batch) if mode != "prefill" else np.zeros(batch, int)
+    new = np.ones(batch, int) if mode == "decode" else rng.integers(1, 20, batch)
+    needed = -(-(past + new) // block_size)
+    num_blocks = int(needed.sum()) + 2
+    order = iter(rng.permutation(num_blocks))
+    table = np.full((batch, int(needed.max())), -1, np.int32)
+    for b in range(batch):
+        table[b, : needed[b]] = [next(order) for _ in range(needed[b])]
+    tokens, heads = int(new.sum()), kv_heads * group
+    inputs = {
+        "query": rng.standard_normal((tokens, heads * head_size)).astype(np.float32),
+        "key": rng.standard_normal((tokens, kv_heads * head_size)).astype(np.float32),
+        "value": rng.standard_normal((tokens, kv_heads * head_size)).astype(np.float32),
+        "key_cache": rng.standard_normal((num_blocks, block_size, kv_heads, head_size)).astype(ml_dtypes.bfloat16),
+        "value_cache": rng.standard_normal((num_blocks, block_size, kv_heads, head_size)).astype(ml_dtypes.bfloat16),
+        "cumulative_sequence_length": np.concatenate([[0], np.cumsum(new)]).astype(np.int32),
+        "past_seqlens": past.astype(np.int32),
+        "block_table": table,
+        "slot_mapping": None,
+        "head_sink": None,
+    }
+    for sink in (None, rng.standard_normal(heads).astype(np.float32)):
+        inputs["head_sink"] = sink
+        attrs = dict(num_heads=heads, kv_num_heads=kv_heads)
+        model = single_node_model("PagedAttention", inputs, OUTPUTS, **attrs)
+        got = run_in_place(model, inputs)
+        want = paged_attention(*inputs.values(), **attrs)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+        for g, w in zip(got[1:], want[1:]):
+            np.testing.assert_array_equal(g.astype(np.float32), w.astype(np.float32))

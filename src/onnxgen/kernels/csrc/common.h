@@ -358,6 +358,97 @@ ONNXGEN_AVX512 void dots4x4_avx512(const float* q, const void* k, int64_t k_stri
   for (int v = 0; v < 4; ++v) std::memcpy(out + v * out_stride, flat + v * 4, 4 * sizeof(float));
 }
 
+// bf16 rows, 32 elements per load: a shift and a mask give the even and the odd elements as
+// fp32 (half the work of widening 16 at a time).  Dot products are order-free, so queries are
+// stored in the same even/odd order per 32 elements (split_even_odd); depth must be a multiple
+// of 32.
+ONNXGEN_AVX512 inline void split_bf16(const void* row, int64_t i, __m512& even, __m512& odd) {
+  const __m512i x = _mm512_loadu_si512(static_cast<const uint16_t*>(row) + i);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
+}
+
+// dst[32c + j] = src[32c + 2j], dst[32c + 16 + j] = src[32c + 2j + 1] for each chunk c.
+inline void split_even_odd(const float* src, float* dst, int64_t n) {
+  for (int64_t c = 0; c < n; c += 32)
+    for (int64_t j = 0; j < 16; ++j) dst[c + j] = src[c + 2 * j], dst[c + 16 + j] = src[c + 2 * j + 1];
+}
+
+// dots4x4 for bf16 keys with queries in even/odd order (see split_bf16).
+ONNXGEN_AVX512 inline void dots4x4_bf16_split(const float* q, const void* k, int64_t k_stride, int64_t n, float* out,
+                                              int64_t out_stride) {
+  const void* rows[4];
+  for (int t = 0; t < 4; ++t) rows[t] = static_cast<const uint16_t*>(k) + t * k_stride;
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < n; d += 32) {
+    __m512 ke[4], ko[4];
+    for (int t = 0; t < 4; ++t) split_bf16(rows[t], d, ke[t], ko[t]);
+    for (int v = 0; v < 4; ++v) {
+      const __m512 qe = _mm512_loadu_ps(q + v * n + d), qo = _mm512_loadu_ps(q + v * n + d + 16);
+      for (int t = 0; t < 4; ++t) a[v * 4 + t] = _mm512_fmadd_ps(qo, ko[t], _mm512_fmadd_ps(qe, ke[t], a[v * 4 + t]));
+    }
+  }
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int j = 0; j < 4; ++j)
+    y[j] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int j = 0; j < 2; ++j)
+    z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(64) float flat[16];
+  _mm512_store_ps(flat, sums);
+  for (int v = 0; v < 4; ++v) std::memcpy(out + v * out_stride, flat + v * 4, 4 * sizeof(float));
+}
+
+// weighted_rows for bf16 rows with dv a multiple of 32: sums kept in even/odd order, interleaved
+// back once at the end.
+ONNXGEN_AVX512 inline void weighted_rows_bf16_split(const float* const* probs, int64_t nq, const void* rows,
+                                                    int64_t row_stride, int64_t n, int64_t dv, float* const* acc) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int64_t c = 0; c < dv; c += 64) {
+    const int64_t chunks = std::min<int64_t>(64, dv - c) / 32;  // 1 or 2 pairs of even/odd sums
+    for (int64_t v0 = 0; v0 < nq; v0 += 4) {
+      const int64_t count = std::min<int64_t>(4, nq - v0);
+      __m512 s[4][4];  // [query][even0, odd0, even1, odd1]
+      for (auto& r : s)
+        for (auto& x : r) x = _mm512_setzero_ps();
+      for (int64_t t = 0; t < n; ++t) {
+        __m512 b[4];
+        bool any = false;
+        for (int64_t v = 0; v < 4; ++v) {
+          const float p = v < count ? probs[v0 + v][t] : 0.f;
+          any |= p != 0.f;
+          b[v] = _mm512_set1_ps(p);
+        }
+        if (!any) continue;
+        const uint16_t* row = static_cast<const uint16_t*>(rows) + t * row_stride + c;
+        for (int64_t j = 0; j < chunks; ++j) {
+          __m512 even, odd;
+          split_bf16(row, 32 * j, even, odd);
+          for (int64_t v = 0; v < 4; ++v) {
+            s[v][2 * j] = _mm512_fmadd_ps(b[v], even, s[v][2 * j]);
+            s[v][2 * j + 1] = _mm512_fmadd_ps(b[v], odd, s[v][2 * j + 1]);
+          }
+        }
+      }
+      for (int64_t v = 0; v < count; ++v)
+        for (int64_t j = 0; j < chunks; ++j) {
+          float* a = acc[v0 + v] + c + 32 * j;
+          const __m512 first = _mm512_permutex2var_ps(s[v][2 * j], lo, s[v][2 * j + 1]);
+          const __m512 second = _mm512_permutex2var_ps(s[v][2 * j], hi, s[v][2 * j + 1]);
+          _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), first));
+          _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16), second));
+        }
+    }
+  }
+}
+
 using Dots4x4Fn = void (*)(const float*, const void*, int64_t, int64_t, float*, int64_t);
 
 inline Dots4x4Fn dots4x4_for(DType t) {

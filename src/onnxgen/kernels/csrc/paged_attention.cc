@@ -181,6 +181,11 @@ class Attention {
       load_row(src, p_.qkv_type, &q[size_t(r * H * D)], H * D);
     }
     if (!(a_.softcap > 0.f)) scale_row(q.data(), scale_, rows * H * D);
+    // bf16 caches with D and Dv multiples of 32: rows are read 32 at a time as even/odd halves,
+    // and the queries are kept in that order too (see split_bf16).
+    const bool split = has_avx512() && p_.cache_type == DType::bf16 && D % 32 == 0 && p_.v_head_size % 32 == 0;
+    std::vector<float> q_split(split ? q.size() : 0);
+    for (int64_t v = 0; split && v < rows * H; ++v) split_even_odd(&q[size_t(v * D)], &q_split[size_t(v * D)], D);
     State state{state_buffer, Dv};
     for (int64_t i = 0; i < rows * H; ++i) state.max(i) = kNegInf, state.sum(i) = 0.f, std::fill_n(state.acc(i), Dv, 0.f);
 
@@ -235,14 +240,16 @@ class Attention {
         const DotsFn dots = dots_for(seg.type);
         int64_t t = 0;
         if (has_avx512() && G % 4 == 0) {  // 4 keys x 4 query heads at a time, reduced together
-          const Dots4x4Fn dots4x4 = dots4x4_for(seg.type);
+          const bool halves = split && seg.type == DType::bf16;
+          const Dots4x4Fn dots4x4 = halves ? dots4x4_bf16_split : dots4x4_for(seg.type);
+          const float* qs = halves ? q_split.data() : q.data();
           for (; t + 4 <= n; t += 4)
             for (int64_t h = 0; h < Hkv; ++h) {
               const void* krows = static_cast<const char*>(seg.key) + size_t((t * Hkv + h) * D) * width;
               for (int64_t r = 0; r < rows; ++r)
                 for (int64_t g = 0; g < G; g += 4) {
                   const int64_t i = r * H + h * G + g;
-                  dots4x4(&q[size_t(i * D)], krows, Hkv * D, D, &scores[size_t(i * bs + t)], bs);
+                  dots4x4(&qs[size_t(i * D)], krows, Hkv * D, D, &scores[size_t(i * bs + t)], bs);
                 }
             }
         }
@@ -266,7 +273,8 @@ class Attention {
       }
       if (!any) continue;
       if (has_avx512()) {  // values accumulate in registers, two queries at a time
-        const WeightedRowsFn weigh = weighted_rows_for(seg.type);
+        const WeightedRowsFn weigh =
+            split && seg.type == DType::bf16 ? weighted_rows_bf16_split : weighted_rows_for(seg.type);
         for (int64_t h = 0; h < Hkv; ++h) {
           for (int64_t v = 0; v < rows * G; ++v) {
             const int64_t i = head_of[size_t(h * rows * G + v)];
