@@ -23,12 +23,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 import time
 
 import ml_dtypes
 import numpy as np
-import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
@@ -36,6 +34,8 @@ from onnxgen import kernels
 from onnxgen.ops.domain import DOMAIN, DOMAIN_VERSION
 from onnxgen.ops.moe import moe
 from onnxgen.passes import expand
+
+from memory import copy_bandwidth  # benchmarks/memory.py (the script directory is on sys.path)
 
 E, K, H, I = 8, 2, 1024, 2816
 THREADS = 2
@@ -101,28 +101,6 @@ def ort_value(array):
     if array.dtype == BF16:
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), TensorProto.BFLOAT16)
     return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
-
-
-def copy_bandwidth(nbytes=1 << 30, repeats=5):
-    """Bytes read + written per second by two threads copying halves of an nbytes array."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    halves = np.array_split(np.arange(src.size), 2)
-    bounds = [(h[0], h[-1] + 1) for h in halves]
-
-    def part(lo, hi):
-        np.copyto(dst[lo:hi], src[lo:hi])
-
-    best = float("inf")
-    for _ in range(repeats):
-        threads = [threading.Thread(target=part, args=b) for b in bounds]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
 
 
 def main():

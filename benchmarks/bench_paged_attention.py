@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -57,6 +56,8 @@ from onnxgen import kernels
 from onnxgen.backends.ort import session as onnxgen_session
 from onnxgen.passes import expand
 from onnxgen.testing import single_node_model
+
+from memory import copy_bandwidth  # benchmarks/memory.py (the script directory is on sys.path)
 
 HQ, HKV, D = 32, 8, 128
 BLOCK = 16  # ours
@@ -511,29 +512,6 @@ def impl_expanded(case, max_rounds):
 
 
 # ---- measurement -----------------------------------------------------------------------------
-
-def copy_bandwidth(nbytes, repeats=5):
-    """Bytes read + written per second by two threads copying halves of an nbytes array."""
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-    dst[...] = 0  # fault the pages in before timing
-    half = src.size // 2
-    bounds = [(0, half), (half, src.size)]
-
-    def part(lo, hi):
-        np.copyto(dst[lo:hi], src[lo:hi])
-
-    best = float("inf")
-    for _ in range(repeats):
-        threads = [threading.Thread(target=part, args=b) for b in bounds]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best
-
 
 def build(case, expanded_rounds, skip):
     builders = [("ours", impl_ours), ("ort GQA shared", impl_gqa_shared), ("ort GQA copy", impl_gqa_copy),

@@ -314,9 +314,30 @@ ONNXGEN_AVX512 void dots_avx512(const float* q, int64_t nq, const void* k, int64
   }
 }
 
+// out[v * out_stride + t] = sum of the lanes of a[v * 4 + t]: the sixteen horizontal sums of a
+// 4x4 block of dot products by one transpose-add tree (45 shuffles and adds, not 16 reductions).
+ONNXGEN_AVX512 inline void store_sums4x4(const __m512* a, float* out, int64_t out_stride) {
+  // Level 1: within each 128-bit lane, pairwise sums of neighbours' elements.
+  __m512 x[8], y[4], z[2];
+  for (int i = 0; i < 8; ++i)
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  // Level 2: each 128-bit lane of y[j] holds that lane's sums of a[4j .. 4j+3].
+  for (int j = 0; j < 4; ++j)
+    y[j] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // Levels 3 and 4: add the four 128-bit lanes; element i of the result is the sum of a[i].
+  for (int j = 0; j < 2; ++j)
+    z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                    _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(64) float flat[16];
+  _mm512_store_ps(flat, sums);
+  for (int v = 0; v < 4; ++v) std::memcpy(out + v * out_stride, flat + v * 4, 4 * sizeof(float));
+}
+
 // out[v * out_stride + t] = q_v . k_t for 4 query vectors (contiguous, `n` apart) and 4 key
-// rows (`k_stride` elements apart) of type T: 16 accumulators, reduced together by a
-// transpose-add tree (45 shuffles and adds instead of 16 horizontal sums).
+// rows (`k_stride` elements apart) of type T: 16 accumulators, reduced by store_sums4x4.
 template <DType T>
 ONNXGEN_AVX512 void dots4x4_avx512(const float* q, const void* k, int64_t k_stride, int64_t n, float* out,
                                    int64_t out_stride) {
@@ -339,23 +360,7 @@ ONNXGEN_AVX512 void dots4x4_avx512(const float* q, const void* k, int64_t k_stri
       a[v * 4 + 3] = _mm512_fmadd_ps(qv, k3, a[v * 4 + 3]);
     }
   }
-  // Level 1: within each 128-bit lane, pairwise sums of neighbours' elements.
-  __m512 x[8], y[4], z[2];
-  for (int i = 0; i < 8; ++i)
-    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  // Level 2: each 128-bit lane of y[j] holds that lane's sums of a[4j .. 4j+3].
-  for (int j = 0; j < 4; ++j)
-    y[j] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  // Levels 3 and 4: add the four 128-bit lanes; element i of the result is the sum of a[i].
-  for (int j = 0; j < 2; ++j)
-    z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  alignas(64) float flat[16];
-  _mm512_store_ps(flat, sums);
-  for (int v = 0; v < 4; ++v) std::memcpy(out + v * out_stride, flat + v * 4, 4 * sizeof(float));
+  store_sums4x4(a, out, out_stride);
 }
 
 // bf16 rows, 32 elements per load: a shift and a mask give the even and the odd elements as
@@ -389,20 +394,7 @@ ONNXGEN_AVX512 inline void dots4x4_bf16_split(const float* q, const void* k, int
       for (int t = 0; t < 4; ++t) a[v * 4 + t] = _mm512_fmadd_ps(qo, ko[t], _mm512_fmadd_ps(qe, ke[t], a[v * 4 + t]));
     }
   }
-  __m512 x[8], y[4], z[2];
-  for (int i = 0; i < 8; ++i)
-    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
-  for (int j = 0; j < 4; ++j)
-    y[j] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(x[2 * j], x[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-  for (int j = 0; j < 2; ++j)
-    z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  alignas(64) float flat[16];
-  _mm512_store_ps(flat, sums);
-  for (int v = 0; v < 4; ++v) std::memcpy(out + v * out_stride, flat + v * 4, 4 * sizeof(float));
+  store_sums4x4(a, out, out_stride);
 }
 
 // weighted_rows for bf16 rows with dv a multiple of 32: sums kept in even/odd order, interleaved
