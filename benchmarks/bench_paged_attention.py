@@ -57,7 +57,7 @@ from onnxgen.backends.ort import session as onnxgen_session
 from onnxgen.passes import expand
 from onnxgen.testing import single_node_model
 
-from memory import copy_bandwidth  # benchmarks/memory.py (the script directory is on sys.path)
+from memory import CacheSweep, copy_bandwidth  # benchmarks/memory.py (the script directory is on sys.path)
 
 HQ, HKV, D = 32, 8, 128
 BLOCK = 16  # ours
@@ -568,16 +568,16 @@ def run_case(case, args, bandwidth):
         t = (time.perf_counter() - t0) / warm
         iters[impl.name] = 1 if impl.max_rounds else max(1, min(50, int(0.03 / max(t, 1e-6))))
         per_call[impl.name] = []
-    flush = None if args.warm else np.ones(int(args.flush_mib) << 18, np.float32)
+    sweep = None if args.warm else CacheSweep(args.flush_mib)
     for r in range(args.rounds):
         for impl in live:
             if impl.max_rounds is not None and r >= impl.max_rounds:
                 continue
-            if flush is not None:
+            if sweep is not None:
                 # Cold: this machine's last-level cache (480 MiB here) holds a whole KV cache, so
                 # back-to-back calls would read it from L3.  A server's caches far exceed L3: stream
                 # a larger buffer first so that every timed call reads its KV cache from memory.
-                float(flush.sum())  # read only: dirty lines would be written back during the timed call
+                sweep()  # read only: dirty lines would be written back during the timed call
                 t0 = time.perf_counter()
                 impl.call()
                 per_call[impl.name].append(time.perf_counter() - t0)
@@ -648,7 +648,7 @@ def main():
           f"{args.copy_gib:g} GiB array, best of 5); {THREADS} threads everywhere; "
           f"heads {HQ}/{HKV}, head size {D}; onnxruntime {ort.__version__}")
     print(f"rounds: {args.warmup} warm-up calls + {args.rounds} timed rounds (expanded: 1 + {args.expanded_rounds}); "
-          f"cold: every timed call follows a 1 GiB sweep that evicts the last-level cache (--warm: back-to-back calls); medians of the per-call time")
+          f"cold: every timed call follows a 1 GiB two-thread read that evicts the last-level cache (--warm: back-to-back calls); medians of the per-call time")
 
     rng = np.random.default_rng(args.seed)
     scale = 16 if args.quick else 1

@@ -27,3 +27,20 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
             t.join()
         best = min(best, time.perf_counter() - t0)
     return 2 * nbytes / best
+
+
+class CacheSweep:
+    """Reads a buffer larger than the last-level cache with two threads, so the next call finds
+    nothing of its data in cache.  Both cores stay busy: on a VM an idle vCPU comes back slowly,
+    which is not what a busy server sees."""
+
+    def __init__(self, mib: float = 1024):
+        data = np.ones(int(mib) << 18, np.float32)
+        self.halves = [data[: data.size // 2], data[data.size // 2:]]
+
+    def __call__(self) -> None:
+        threads = [threading.Thread(target=lambda h=h: float(h.sum())) for h in self.halves]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
