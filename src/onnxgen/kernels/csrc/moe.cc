@@ -1,5 +1,5 @@
 // MoE on the CPU: route (fp32), group the (token, slot) rows by expert, then two GEMM phases
-// over onnxruntime's threads, each split into (expert, 64-column tile) items so every
+// over onnxruntime's threads, each split into (expert, column tile) items so every
 // expert's weights stream from memory once per call and even one expert fills every thread:
 //   1. h = x @ gate_up_weights[e] (+ bias) per tile, then the activation of that tile -> a
 //   2. o = a @ down_weights[e] (+ bias) per tile of H
