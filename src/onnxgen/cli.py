@@ -31,6 +31,22 @@ def _expand(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from tqdm import tqdm
+
+    from .export.llm import build
+
+    with tqdm(desc="layers", unit="layer") as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(done - bar.n)
+
+        out = build(args.checkpoint, args.output, dtype=args.dtype, all_logits=args.all_logits,
+                    block_size=args.block_size, progress=progress)
+    print(f"wrote {out}/model.onnx (+ model.onnx.data), onnxgen.json and the tokenizer files")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxgen",
@@ -47,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     docs = commands.add_parser("docs", help="regenerate docs/Operators.md from the schemas")
     docs.add_argument("--output", default="docs/Operators.md", help="where to write (default: %(default)s)")
     docs.set_defaults(run=_docs)
+
+    export = commands.add_parser(
+        "export", help="build a paged ONNX model from a local Hugging Face checkpoint folder",
+        description="Read config.json and *.safetensors from CHECKPOINT (no torch needed) and write OUTPUT/model.onnx "
+                    "with the paged signature (see docs/PagedSignature.md), onnxgen.json and the tokenizer files. "
+                    "Supported: Llama, Mistral, Qwen2, Qwen3.")
+    export.add_argument("checkpoint", help="a local Hugging Face checkpoint folder")
+    export.add_argument("output", help="the model folder to write")
+    export.add_argument("--dtype", default="float32", choices=["float32"], help="weight type (default: %(default)s)")
+    export.add_argument("--all-logits", action="store_true", help="logits for every token, not only each sequence's last")
+    export.add_argument("--block-size", type=int, default=16, help="KV block size recorded in onnxgen.json (default: 16)")
+    export.set_defaults(run=_export)
 
     exp = commands.add_parser("expand", help="inline onnxgen ops and FlexAttention so stock runtimes run a model")
     exp.add_argument("model", help="input .onnx file")

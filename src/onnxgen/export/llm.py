@@ -1,0 +1,261 @@
+"""Decoder LLMs from Hugging Face checkpoints to ONNX models with the paged signature.
+
+The graph uses standard ONNX where it serves (Gather, RMSNormalization, RotaryEmbedding, MatMul)
+and ``onnxgen.preview.PagedAttention`` for attention.  The signature (docs/PagedSignature.md):
+
+    inputs   input_ids int64 [num_tokens], position_ids int64 [num_tokens],
+             cumulative_sequence_length int32 [B+1], past_seqlens int32 [B],
+             block_table int32 [B, max_blocks], slot_mapping int32 [num_tokens],
+             key_cache.{i}, value_cache.{i} [num_blocks, block_size, kv_heads, head_dim]
+    outputs  logits [B, vocab] (last token of each sequence; [num_tokens, vocab] with all_logits),
+             key_cache_out.{i}, value_cache_out.{i}
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..ops.domain import DOMAIN, DOMAIN_VERSION
+from .checkpoint import Checkpoint
+
+OPSET = 24
+DTYPES = {"float32": (np.float32, TensorProto.FLOAT)}
+
+
+@dataclass
+class Architecture:
+    """What the graph needs from a config, whatever the family."""
+
+    family: str
+    num_layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    rms_eps: float
+    rope_theta: float
+    max_positions: int
+    attention_bias: bool = False  # q/k/v projections with biases (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    tied_embeddings: bool = False
+    sliding_window: int | None = None  # a query sees the last `sliding_window` positions (itself included)
+
+
+def _rope_theta(config: dict) -> float:
+    params = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise NotImplementedError(f"rope type {kind!r} is not supported yet (only the default RoPE)")
+    return float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
+
+
+def architecture(config: dict) -> Architecture:
+    """Read the config of a supported family; a clear error for anything else."""
+    family = config.get("model_type")
+    if family not in SUPPORTED:
+        raise NotImplementedError(
+            f"architecture {family!r} is not supported; supported: {', '.join(sorted(SUPPORTED))}"
+        )
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    window = config.get("sliding_window") if config.get("use_sliding_window", family == "mistral") else None
+    if window and family != "mistral":
+        raise NotImplementedError(f"{family}: a sliding window on some layers only (max_window_layers) is not "
+                                  "exported yet")
+    return Architecture(
+        family=family,
+        num_layers=config["num_hidden_layers"],
+        hidden=config["hidden_size"],
+        heads=heads,
+        kv_heads=config.get("num_key_value_heads") or heads,
+        head_dim=head_dim,
+        intermediate=config["intermediate_size"],
+        vocab=config["vocab_size"],
+        rms_eps=float(config.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(config),
+        max_positions=int(config.get("max_position_embeddings", 4096)),
+        attention_bias=bool(config.get("attention_bias", family == "qwen2")),
+        qk_norm=family == "qwen3",
+        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        sliding_window=int(window) if window else None,
+    )
+
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class GraphBuilder:
+    """Nodes and initializers with fresh names: ``b.op("MatMul", x, w)`` returns the output name."""
+
+    def __init__(self, dtype: np.dtype):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.dtype = dtype
+        self._count = 0
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", name: str | None = None,
+           out_names: list[str] | None = None, **attrs) -> str | list[str]:
+        outs = out_names or [self.name(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain, name=name or self.name(op_type),
+                                           **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(self.dtype)), name))
+        return name
+
+    def const(self, array, dtype=None) -> str:
+        """A small constant, kept inline (shapes and indices never go to external data)."""
+        name = self.name("const")
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
+        return name
+
+
+def _rope_caches(arch: Architecture) -> tuple[np.ndarray, np.ndarray]:
+    inv_freq = 1.0 / (arch.rope_theta ** (np.arange(0, arch.head_dim, 2, dtype=np.float64) / arch.head_dim))
+    freqs = np.outer(np.arange(arch.max_positions, dtype=np.float64), inv_freq)
+    return np.cos(freqs), np.sin(freqs)
+
+
+def _linear(b: GraphBuilder, x: str, ckpt: Checkpoint, prefix: str, bias: bool = False) -> str:
+    """x @ W^T (+ b) for a torch Linear stored as [out, in]."""
+    y = b.op("MatMul", x, b.weight(f"{prefix}.weight", ckpt.weight(f"{prefix}.weight").T))
+    if bias:
+        y = b.op("Add", y, b.weight(f"{prefix}.bias", ckpt.weight(f"{prefix}.bias")))
+    return y
+
+
+def _rms_norm(b: GraphBuilder, x: str, ckpt: Checkpoint, name: str, eps: float) -> str:
+    return b.op("RMSNormalization", x, b.weight(name, ckpt.weight(name)), axis=-1, epsilon=eps)
+
+
+def _per_head_norm(b: GraphBuilder, x: str, heads: int, arch: Architecture, ckpt: Checkpoint, name: str) -> str:
+    """RMSNorm over each head's D values of x [T, heads*D] (Qwen3's q_norm / k_norm)."""
+    split = b.op("Reshape", x, b.const([0, heads, arch.head_dim], np.int64))
+    normed = _rms_norm(b, split, ckpt, name, arch.rms_eps)
+    return b.op("Reshape", normed, b.const([0, heads * arch.head_dim], np.int64))
+
+
+def _rope(b: GraphBuilder, x: str, heads: int, cos: str, sin: str, positions: str) -> str:
+    """RotaryEmbedding (opset 23) on flat tokens: [T, heads*D] seen as a batch of one."""
+    batched = b.op("Unsqueeze", x, b.const([0], np.int64))
+    rotated = b.op("RotaryEmbedding", batched, cos, sin, positions, num_heads=heads)
+    return b.op("Squeeze", rotated, b.const([0], np.int64))
+
+
+def _layer(b: GraphBuilder, x: str, i: int, arch: Architecture, ckpt: Checkpoint, rope: tuple[str, str, str],
+           paged: list[str]) -> str:
+    p = f"model.layers.{i}"
+    h = _rms_norm(b, x, ckpt, f"{p}.input_layernorm.weight", arch.rms_eps)
+    q = _linear(b, h, ckpt, f"{p}.self_attn.q_proj", arch.attention_bias)
+    k = _linear(b, h, ckpt, f"{p}.self_attn.k_proj", arch.attention_bias)
+    v = _linear(b, h, ckpt, f"{p}.self_attn.v_proj", arch.attention_bias)
+    if arch.qk_norm:
+        q = _per_head_norm(b, q, arch.heads, arch, ckpt, f"{p}.self_attn.q_norm.weight")
+        k = _per_head_norm(b, k, arch.kv_heads, arch, ckpt, f"{p}.self_attn.k_norm.weight")
+    cos, sin, positions = rope
+    q, k = _rope(b, q, arch.heads, cos, sin, positions), _rope(b, k, arch.kv_heads, cos, sin, positions)
+    attn = b.op(
+        "PagedAttention", q, k, v, f"key_cache.{i}", f"value_cache.{i}", *paged, domain=DOMAIN,
+        out_names=[b.name("attn"), f"key_cache_out.{i}", f"value_cache_out.{i}"], outputs=3,
+        num_heads=arch.heads, kv_num_heads=arch.kv_heads, name=f"{p}.attention",
+        local_window_size=arch.sliding_window - 1 if arch.sliding_window else -1,
+    )[0]
+    x = b.op("Add", x, _linear(b, attn, ckpt, f"{p}.self_attn.o_proj"))
+    h = _rms_norm(b, x, ckpt, f"{p}.post_attention_layernorm.weight", arch.rms_eps)
+    gate, up = _linear(b, h, ckpt, f"{p}.mlp.gate_proj"), _linear(b, h, ckpt, f"{p}.mlp.up_proj")
+    act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+    return b.op("Add", x, _linear(b, act, ckpt, f"{p}.mlp.down_proj"))
+
+
+def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> onnx.ModelProto:
+    """The ONNX graph of a checkpoint, weights as initializers (see ``build`` for the folder)."""
+    if dtype not in DTYPES:
+        raise NotImplementedError(f"--dtype {dtype} is not supported yet; supported: {', '.join(DTYPES)}")
+    np_dtype, onnx_dtype = DTYPES[dtype]
+    arch = architecture(ckpt.config)
+    b = GraphBuilder(np_dtype)
+    paged = ["cumulative_sequence_length", "past_seqlens", "block_table", "slot_mapping"]
+    embed = b.weight("model.embed_tokens.weight", ckpt.weight("model.embed_tokens.weight"))
+    x = b.op("Gather", embed, "input_ids", axis=0)
+    cos, sin = _rope_caches(arch)
+    rope = (b.weight("rope.cos", cos), b.weight("rope.sin", sin),
+            b.op("Unsqueeze", "position_ids", b.const([0], np.int64)))
+    for i in range(arch.num_layers):
+        x = _layer(b, x, i, arch, ckpt, rope, paged)
+        if progress:
+            progress(i + 1, arch.num_layers)
+    x = _rms_norm(b, x, ckpt, "model.norm.weight", arch.rms_eps)
+    if not all_logits:  # the last token of each sequence
+        last = b.op("Sub", b.op("Slice", "cumulative_sequence_length", b.const([1], np.int64),
+                                b.const([2**31 - 1], np.int64)), b.const([1], np.int32))
+        x = b.op("Gather", x, last, axis=0)
+    head = "model.embed_tokens.weight" if arch.tied_embeddings else "lm_head.weight"
+    b.nodes.append(helper.make_node("MatMul", [x, b.weight("lm_head.weight.T", ckpt.weight(head).T)], ["logits"],
+                                    name="lm_head"))
+    cache = ["num_blocks", "block_size", arch.kv_heads, arch.head_dim]
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["num_tokens"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["num_tokens"]),
+        helper.make_tensor_value_info("cumulative_sequence_length", TensorProto.INT32, ["batch_plus_1"]),
+        helper.make_tensor_value_info("past_seqlens", TensorProto.INT32, ["batch"]),
+        helper.make_tensor_value_info("block_table", TensorProto.INT32, ["batch", "max_blocks"]),
+        helper.make_tensor_value_info("slot_mapping", TensorProto.INT32, ["num_tokens"]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", onnx_dtype, ["num_tokens" if all_logits else "batch", arch.vocab])]
+    for i in range(arch.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"{kind}_cache.{i}", onnx_dtype, cache))
+            outputs.append(helper.make_tensor_value_info(f"{kind}_cache_out.{i}", onnx_dtype, cache))
+    graph = helper.make_graph(b.nodes, f"onnxgen_{arch.family}", inputs, outputs, initializer=b.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                    helper.make_opsetid(DOMAIN, DOMAIN_VERSION)],
+                              producer_name="onnxgen")
+    model.ir_version = 10
+    return model
+
+
+def build(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32", all_logits: bool = False,
+          block_size: int = 16, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``), ``onnxgen.json`` and the tokenizer files."""
+    ckpt = Checkpoint(checkpoint_dir)
+    model = build_model(ckpt, dtype=dtype, all_logits=all_logits, progress=progress)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, out / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx.data", size_threshold=4096)
+    arch = architecture(ckpt.config)
+    generation = ckpt.generation_config()
+    eos = generation.get("eos_token_id", ckpt.config.get("eos_token_id"))
+    meta = {
+        "format": "onnxgen.llm/1",
+        "architecture": asdict(arch),
+        "dtype": dtype,
+        "block_size": block_size,
+        "eos_token_ids": [eos] if isinstance(eos, int) else list(eos or []),
+        "bos_token_id": generation.get("bos_token_id", ckpt.config.get("bos_token_id")),
+        "chat_template": ckpt.tokenizer_config().get("chat_template"),
+        "logits": "all tokens" if all_logits else "last token of each sequence",
+        "inputs": [i.name for i in model.graph.input],
+        "outputs": [o.name for o in model.graph.output],
+    }
+    (out / "onnxgen.json").write_text(json.dumps(meta, indent=2))
+    for path in ckpt.tokenizer_files():
+        shutil.copy2(path, out / path.name)
+    return out
