@@ -24,6 +24,13 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 7}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+        "shared_expert_intermediate_size": 40, "mlp_only_layers": [1]}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
+        "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "head_dim": 16,
+        "norm_topk_prob": True}),
 }
 
 
@@ -43,6 +50,8 @@ def tiny_checkpoint(family: str, folder, seed: int):
                 p.uniform_(0.5, 1.5)
             elif p.ndim == 1:
                 p.normal_(0, 0.1)
+            elif "gate" in name and "proj" not in name and p.ndim == 2:  # routers: decisive choices
+                p.normal_(0, 0.6)
     model.save_pretrained(folder)
     return model
 

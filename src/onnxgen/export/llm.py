@@ -1,7 +1,9 @@
 """Decoder LLMs from Hugging Face checkpoints to ONNX models with the paged signature.
 
 The graph uses standard ONNX where it serves (Gather, RMSNormalization, RotaryEmbedding, MatMul)
-and ``onnxgen.preview.PagedAttention`` for attention.  The signature (docs/PagedSignature.md):
+and ``onnxgen.preview.PagedAttention`` / ``onnxgen.preview.MoE`` for attention and experts.
+Families: Llama, Mistral (sliding window), Qwen2 (qkv bias), Qwen3 (q/k norm), Mixtral, Qwen2-MoE
+(sigmoid-gated shared expert), Qwen3-MoE.  The signature (docs/PagedSignature.md):
 
     inputs   input_ids int64 [num_tokens], position_ids int64 [num_tokens],
              cumulative_sequence_length int32 [B+1], past_seqlens int32 [B],
@@ -69,8 +71,8 @@ def architecture(config: dict) -> Architecture:
         )
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    window = config.get("sliding_window") if config.get("use_sliding_window", family == "mistral") else None
-    if window and family != "mistral":
+    window = config.get("sliding_window") if config.get("use_sliding_window", family in ("mistral", "mixtral")) else None
+    if window and family not in ("mistral", "mixtral"):
         raise NotImplementedError(f"{family}: a sliding window on some layers only (max_window_layers) is not "
                                   "exported yet")
     return Architecture(
@@ -80,19 +82,26 @@ def architecture(config: dict) -> Architecture:
         heads=heads,
         kv_heads=config.get("num_key_value_heads") or heads,
         head_dim=head_dim,
-        intermediate=config["intermediate_size"],
+        intermediate=config.get("intermediate_size") or config.get("moe_intermediate_size"),
         vocab=config["vocab_size"],
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(config),
         max_positions=int(config.get("max_position_embeddings", 4096)),
-        attention_bias=bool(config.get("attention_bias", family == "qwen2")),
-        qk_norm=family == "qwen3",
+        attention_bias=bool(config.get("attention_bias", family in ("qwen2", "qwen2_moe"))),
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         sliding_window=int(window) if window else None,
     )
 
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+DENSE = ("llama", "mistral", "qwen2", "qwen3")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED = DENSE + MOE
+# Where a family keeps its sparse-MoE block on disk (per-expert tensors there; fused in memory).
+MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}
+# On-disk names of one expert's gate, up and down projections.
+EXPERT_PROJECTIONS = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
+                      "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
 
 
 class GraphBuilder:
@@ -158,6 +167,68 @@ def _rope(b: GraphBuilder, x: str, heads: int, cos: str, sin: str, positions: st
     return b.op("Squeeze", rotated, b.const([0], np.int64))
 
 
+def is_moe_layer(config: dict, i: int) -> bool:
+    family = config.get("model_type")
+    if family == "mixtral":
+        return True
+    if family not in MOE or not (config.get("num_experts") or config.get("num_local_experts") or 0):
+        return False
+    step = config.get("decoder_sparse_step") or 1
+    return i not in (config.get("mlp_only_layers") or []) and (i + 1) % step == 0
+
+
+def moe_block_weights(ckpt: Checkpoint, i: int) -> dict[str, np.ndarray]:
+    """Layer i's sparse-MoE weights under the in-memory names ``moe_from_hf`` reads.
+
+    Checkpoints store one tensor per expert and projection; transformers fuses them in memory
+    into ``experts.gate_up_proj [E, 2I, H]`` (gate rows first) and ``experts.down_proj [E, H, I]``.
+    """
+    family = ckpt.config["model_type"]
+    prefix = f"model.layers.{i}.{MOE_BLOCK[family]}."
+    gate_name, up_name, down_name = EXPERT_PROJECTIONS[family]
+    names = [n for n in ckpt.names() if n.startswith(prefix)]
+    weights = {n[len(prefix):]: ckpt.weight(n) for n in names if ".experts." not in "." + n[len(prefix):]}
+    if not any(n[len(prefix):].startswith("experts.") for n in names):
+        raise KeyError(f"layer {i}: no expert weights under {prefix!r} in {ckpt.folder}")
+    if ckpt.has(prefix + "experts.gate_up_proj"):  # already fused on disk
+        weights.update({k: ckpt.weight(prefix + k) for k in ("experts.gate_up_proj", "experts.down_proj")})
+        return weights
+    experts = ckpt.config.get("num_local_experts") or ckpt.config["num_experts"]
+    expert = lambda j, proj: ckpt.weight(f"{prefix}experts.{j}.{proj}.weight")  # noqa: E731
+    weights["experts.gate_up_proj"] = np.stack(
+        [np.concatenate([expert(j, gate_name), expert(j, up_name)]) for j in range(experts)])
+    weights["experts.down_proj"] = np.stack([expert(j, down_name) for j in range(experts)])
+    return weights
+
+
+def _splice(b: GraphBuilder, model: onnx.ModelProto, x: str, prefix: str) -> str:
+    """Copy ``model``'s graph (input "X", output "Y") into b, every name prefixed; return Y's name."""
+    rename = {"X": x, "": ""}
+    for init in model.graph.initializer:
+        rename[init.name] = prefix + init.name
+        init = onnx.TensorProto.FromString(init.SerializeToString())
+        init.name = prefix + init.name
+        b.initializers.append(init)
+    for node in model.graph.node:
+        new = onnx.NodeProto.FromString(node.SerializeToString())
+        new.name = b.name(prefix + (node.name or node.op_type))
+        new.input[:] = [rename.get(n, prefix + n) for n in node.input]
+        new.output[:] = [prefix + n if n else "" for n in node.output]
+        if new.op_type == "MoE":  # the routing outputs are not needed here
+            del new.output[1:]
+        for n in node.output:
+            rename[n] = prefix + n
+        b.nodes.append(new)
+    return rename["Y"]
+
+
+def _moe_mlp(b: GraphBuilder, h: str, i: int, ckpt: Checkpoint) -> str:
+    from .moe import build_moe_block_model, moe_from_hf
+
+    block = moe_from_hf(ckpt.config["model_type"], ckpt.config, moe_block_weights(ckpt, i))
+    return _splice(b, build_moe_block_model(block, dtype=b.dtype, opset=OPSET), h, f"model.layers.{i}.moe.")
+
+
 def _layer(b: GraphBuilder, x: str, i: int, arch: Architecture, ckpt: Checkpoint, rope: tuple[str, str, str],
            paged: list[str]) -> str:
     p = f"model.layers.{i}"
@@ -178,6 +249,8 @@ def _layer(b: GraphBuilder, x: str, i: int, arch: Architecture, ckpt: Checkpoint
     )[0]
     x = b.op("Add", x, _linear(b, attn, ckpt, f"{p}.self_attn.o_proj"))
     h = _rms_norm(b, x, ckpt, f"{p}.post_attention_layernorm.weight", arch.rms_eps)
+    if is_moe_layer(ckpt.config, i):
+        return b.op("Add", x, _moe_mlp(b, h, i, ckpt))
     gate, up = _linear(b, h, ckpt, f"{p}.mlp.gate_proj"), _linear(b, h, ckpt, f"{p}.mlp.up_proj")
     act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
     return b.op("Add", x, _linear(b, act, ckpt, f"{p}.mlp.down_proj"))
