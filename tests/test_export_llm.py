@@ -24,6 +24,10 @@ FAMILIES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 7}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0, "sliding_window": 9}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "head_dim": 16, "query_pre_attn_scalar": 12, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 8.0,
+        "sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"]}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
         "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
@@ -117,7 +121,7 @@ def test_prefill_and_decode_match_transformers(tmp_path, rng, family):
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bloom"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(NotImplementedError, match="architecture 'bloom' is not supported; supported: llama"):
+    with pytest.raises(NotImplementedError, match="architecture 'bloom' is not supported; supported: gemma2, llama"):
         build(tmp_path, tmp_path / "out")
 
 

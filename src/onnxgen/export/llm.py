@@ -2,7 +2,8 @@
 
 The graph uses standard ONNX where it serves (Gather, RMSNormalization, RotaryEmbedding, MatMul)
 and ``onnxgen.preview.PagedAttention`` / ``onnxgen.preview.MoE`` for attention and experts.
-Families: Llama, Mistral (sliding window), Qwen2 (qkv bias), Qwen3 (q/k norm), Mixtral, Qwen2-MoE
+Families: Llama, Mistral (sliding window), Qwen2 (qkv bias), Qwen3 (q/k norm), Phi-3 (fused qkv and
+gate_up), Gemma 2 (soft caps, alternating sliding window, sandwich norms), Mixtral, Qwen2-MoE
 (sigmoid-gated shared expert), Qwen3-MoE.  The signature (docs/PagedSignature.md):
 
     inputs   input_ids int64 [num_tokens], position_ids int64 [num_tokens],
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,18 @@ class Architecture:
     attention_bias: bool = False  # q/k/v projections with biases (Qwen2)
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
     tied_embeddings: bool = False
-    sliding_window: int | None = None  # a query sees the last `sliding_window` positions (itself included)
+    # Per layer: a query sees the last `window` positions (itself included); None = unbounded.
+    layer_windows: list[int | None] = field(default_factory=list)
+    activation: str = "silu"  # of the gated MLP: silu | gelu_tanh
+    fused_projections: bool = False  # Phi-3: qkv_proj and gate_up_proj
+    rotary_dim: int | None = None  # partial rotary (Phi-3 style); None = the whole head
+    # Gemma 2: RMSNorm weights are offsets from 1, embeddings scaled, four norms per layer, soft caps.
+    norm_offset: bool = False
+    embed_scale: float | None = None
+    sandwich_norms: bool = False
+    attention_scale: float | None = None  # None = 1/sqrt(head_dim)
+    attention_softcap: float = 0.0
+    final_softcap: float = 0.0
 
 
 def _rope_theta(config: dict) -> float:
@@ -71,13 +83,28 @@ def architecture(config: dict) -> Architecture:
         )
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    window = config.get("sliding_window") if config.get("use_sliding_window", family in ("mistral", "mixtral")) else None
-    if window and family not in ("mistral", "mixtral"):
+    layers = config["num_hidden_layers"]
+    window = config.get("sliding_window")
+    if family in ("qwen2", "qwen2_moe") and config.get("use_sliding_window") and window:
         raise NotImplementedError(f"{family}: a sliding window on some layers only (max_window_layers) is not "
                                   "exported yet")
+    layer_types = config.get("layer_types")
+    if family == "gemma2":
+        windows = [window if kind == "sliding_attention" else None for kind in layer_types]
+    elif family in ("mistral", "mixtral", "phi3") and window:
+        windows = [window] * layers
+    else:
+        windows = [None] * layers
+    partial = (config.get("rope_parameters") or {}).get("partial_rotary_factor") or config.get("partial_rotary_factor")
+    rotary_dim = int(head_dim * partial) if partial and partial != 1.0 else None
+    activation = config.get("hidden_activation") or config.get("hidden_act") or "silu"
+    activations = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+    if activation not in activations:
+        raise NotImplementedError(f"{family}: MLP activation {activation!r} is not supported")
+    gemma = family == "gemma2"
     return Architecture(
         family=family,
-        num_layers=config["num_hidden_layers"],
+        num_layers=layers,
         hidden=config["hidden_size"],
         heads=heads,
         kv_heads=config.get("num_key_value_heads") or heads,
@@ -90,11 +117,20 @@ def architecture(config: dict) -> Architecture:
         attention_bias=bool(config.get("attention_bias", family in ("qwen2", "qwen2_moe"))),
         qk_norm=family in ("qwen3", "qwen3_moe"),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        sliding_window=int(window) if window else None,
+        layer_windows=[int(w) if w else None for w in windows],
+        activation=activations[activation],
+        fused_projections=family == "phi3",
+        rotary_dim=rotary_dim,
+        norm_offset=gemma,
+        embed_scale=float(config["hidden_size"]) ** 0.5 if gemma else None,
+        sandwich_norms=gemma,
+        attention_scale=float(config["query_pre_attn_scalar"]) ** -0.5 if gemma else None,
+        attention_softcap=float(config.get("attn_logit_softcapping") or 0.0) if gemma else 0.0,
+        final_softcap=float(config.get("final_logit_softcapping") or 0.0) if gemma else 0.0,
     )
 
 
-DENSE = ("llama", "mistral", "qwen2", "qwen3")
+DENSE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
 SUPPORTED = DENSE + MOE
 # Where a family keeps its sparse-MoE block on disk (per-expert tensors there; fused in memory).
@@ -136,7 +172,8 @@ class GraphBuilder:
 
 
 def _rope_caches(arch: Architecture) -> tuple[np.ndarray, np.ndarray]:
-    inv_freq = 1.0 / (arch.rope_theta ** (np.arange(0, arch.head_dim, 2, dtype=np.float64) / arch.head_dim))
+    dim = arch.rotary_dim or arch.head_dim
+    inv_freq = 1.0 / (arch.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
     freqs = np.outer(np.arange(arch.max_positions, dtype=np.float64), inv_freq)
     return np.cos(freqs), np.sin(freqs)
 
@@ -149,21 +186,25 @@ def _linear(b: GraphBuilder, x: str, ckpt: Checkpoint, prefix: str, bias: bool =
     return y
 
 
-def _rms_norm(b: GraphBuilder, x: str, ckpt: Checkpoint, name: str, eps: float) -> str:
-    return b.op("RMSNormalization", x, b.weight(name, ckpt.weight(name)), axis=-1, epsilon=eps)
+def _rms_norm(b: GraphBuilder, x: str, ckpt: Checkpoint, name: str, arch: Architecture) -> str:
+    scale = ckpt.weight(name).astype(np.float32)
+    if arch.norm_offset:  # Gemma stores the scale as an offset from 1
+        scale = scale + 1.0
+    return b.op("RMSNormalization", x, b.weight(name, scale), axis=-1, epsilon=arch.rms_eps)
 
 
 def _per_head_norm(b: GraphBuilder, x: str, heads: int, arch: Architecture, ckpt: Checkpoint, name: str) -> str:
     """RMSNorm over each head's D values of x [T, heads*D] (Qwen3's q_norm / k_norm)."""
     split = b.op("Reshape", x, b.const([0, heads, arch.head_dim], np.int64))
-    normed = _rms_norm(b, split, ckpt, name, arch.rms_eps)
+    normed = _rms_norm(b, split, ckpt, name, arch)
     return b.op("Reshape", normed, b.const([0, heads * arch.head_dim], np.int64))
 
 
-def _rope(b: GraphBuilder, x: str, heads: int, cos: str, sin: str, positions: str) -> str:
+def _rope(b: GraphBuilder, x: str, heads: int, cos: str, sin: str, positions: str, rotary_dim: int | None) -> str:
     """RotaryEmbedding (opset 23) on flat tokens: [T, heads*D] seen as a batch of one."""
     batched = b.op("Unsqueeze", x, b.const([0], np.int64))
-    rotated = b.op("RotaryEmbedding", batched, cos, sin, positions, num_heads=heads)
+    extra = {"rotary_embedding_dim": rotary_dim} if rotary_dim else {}
+    rotated = b.op("RotaryEmbedding", batched, cos, sin, positions, num_heads=heads, **extra)
     return b.op("Squeeze", rotated, b.const([0], np.int64))
 
 
@@ -229,31 +270,61 @@ def _moe_mlp(b: GraphBuilder, h: str, i: int, ckpt: Checkpoint) -> str:
     return _splice(b, build_moe_block_model(block, dtype=b.dtype, opset=OPSET), h, f"model.layers.{i}.moe.")
 
 
+def _projections(b: GraphBuilder, h: str, p: str, arch: Architecture, ckpt: Checkpoint) -> tuple[str, str, str]:
+    if not arch.fused_projections:
+        return tuple(_linear(b, h, ckpt, f"{p}.self_attn.{n}_proj", arch.attention_bias) for n in "qkv")
+    qkv = _linear(b, h, ckpt, f"{p}.self_attn.qkv_proj")  # Phi-3: rows q, then k, then v
+    q_width, kv_width = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    return tuple(b.op("Split", qkv, b.const([q_width, kv_width, kv_width], np.int64), axis=-1, outputs=3))
+
+
+def _mlp(b: GraphBuilder, h: str, p: str, arch: Architecture, ckpt: Checkpoint) -> str:
+    if arch.fused_projections:  # Phi-3: gate rows first, then up
+        gate, up = b.op("Split", _linear(b, h, ckpt, f"{p}.mlp.gate_up_proj"), axis=-1, num_outputs=2, outputs=2)
+    else:
+        gate, up = _linear(b, h, ckpt, f"{p}.mlp.gate_proj"), _linear(b, h, ckpt, f"{p}.mlp.up_proj")
+    if arch.activation == "gelu_tanh":
+        act = b.op("Gelu", gate, approximate="tanh")
+    else:
+        act = b.op("Mul", gate, b.op("Sigmoid", gate))
+    return _linear(b, b.op("Mul", act, up), ckpt, f"{p}.mlp.down_proj")
+
+
 def _layer(b: GraphBuilder, x: str, i: int, arch: Architecture, ckpt: Checkpoint, rope: tuple[str, str, str],
            paged: list[str]) -> str:
     p = f"model.layers.{i}"
-    h = _rms_norm(b, x, ckpt, f"{p}.input_layernorm.weight", arch.rms_eps)
-    q = _linear(b, h, ckpt, f"{p}.self_attn.q_proj", arch.attention_bias)
-    k = _linear(b, h, ckpt, f"{p}.self_attn.k_proj", arch.attention_bias)
-    v = _linear(b, h, ckpt, f"{p}.self_attn.v_proj", arch.attention_bias)
+    h = _rms_norm(b, x, ckpt, f"{p}.input_layernorm.weight", arch)
+    q, k, v = _projections(b, h, p, arch, ckpt)
     if arch.qk_norm:
         q = _per_head_norm(b, q, arch.heads, arch, ckpt, f"{p}.self_attn.q_norm.weight")
         k = _per_head_norm(b, k, arch.kv_heads, arch, ckpt, f"{p}.self_attn.k_norm.weight")
     cos, sin, positions = rope
-    q, k = _rope(b, q, arch.heads, cos, sin, positions), _rope(b, k, arch.kv_heads, cos, sin, positions)
+    q = _rope(b, q, arch.heads, cos, sin, positions, arch.rotary_dim)
+    k = _rope(b, k, arch.kv_heads, cos, sin, positions, arch.rotary_dim)
+    window = arch.layer_windows[i] if arch.layer_windows else None
+    attention = {"num_heads": arch.heads, "kv_num_heads": arch.kv_heads,
+                 "local_window_size": window - 1 if window else -1}
+    if arch.attention_scale:
+        attention["scale"] = arch.attention_scale
+    if arch.attention_softcap:
+        attention["softcap"] = arch.attention_softcap
     attn = b.op(
         "PagedAttention", q, k, v, f"key_cache.{i}", f"value_cache.{i}", *paged, domain=DOMAIN,
         out_names=[b.name("attn"), f"key_cache_out.{i}", f"value_cache_out.{i}"], outputs=3,
-        num_heads=arch.heads, kv_num_heads=arch.kv_heads, name=f"{p}.attention",
-        local_window_size=arch.sliding_window - 1 if arch.sliding_window else -1,
+        name=f"{p}.attention", **attention,
     )[0]
-    x = b.op("Add", x, _linear(b, attn, ckpt, f"{p}.self_attn.o_proj"))
-    h = _rms_norm(b, x, ckpt, f"{p}.post_attention_layernorm.weight", arch.rms_eps)
+    attn = _linear(b, attn, ckpt, f"{p}.self_attn.o_proj")
+    if arch.sandwich_norms:  # Gemma 2: the sublayer's output is normed before the residual add
+        attn = _rms_norm(b, attn, ckpt, f"{p}.post_attention_layernorm.weight", arch)
+        x = b.op("Add", x, attn)
+        h = _rms_norm(b, x, ckpt, f"{p}.pre_feedforward_layernorm.weight", arch)
+        return b.op("Add", x, _rms_norm(b, _mlp(b, h, p, arch, ckpt), ckpt, f"{p}.post_feedforward_layernorm.weight",
+                                        arch))
+    x = b.op("Add", x, attn)
+    h = _rms_norm(b, x, ckpt, f"{p}.post_attention_layernorm.weight", arch)
     if is_moe_layer(ckpt.config, i):
         return b.op("Add", x, _moe_mlp(b, h, i, ckpt))
-    gate, up = _linear(b, h, ckpt, f"{p}.mlp.gate_proj"), _linear(b, h, ckpt, f"{p}.mlp.up_proj")
-    act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
-    return b.op("Add", x, _linear(b, act, ckpt, f"{p}.mlp.down_proj"))
+    return b.op("Add", x, _mlp(b, h, p, arch, ckpt))
 
 
 def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = False,
@@ -267,6 +338,8 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = 
     paged = ["cumulative_sequence_length", "past_seqlens", "block_table", "slot_mapping"]
     embed = b.weight("model.embed_tokens.weight", ckpt.weight("model.embed_tokens.weight"))
     x = b.op("Gather", embed, "input_ids", axis=0)
+    if arch.embed_scale:
+        x = b.op("Mul", x, b.const(np.array(arch.embed_scale, np_dtype)))
     cos, sin = _rope_caches(arch)
     rope = (b.weight("rope.cos", cos), b.weight("rope.sin", sin),
             b.op("Unsqueeze", "position_ids", b.const([0], np.int64)))
@@ -274,14 +347,19 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = 
         x = _layer(b, x, i, arch, ckpt, rope, paged)
         if progress:
             progress(i + 1, arch.num_layers)
-    x = _rms_norm(b, x, ckpt, "model.norm.weight", arch.rms_eps)
+    x = _rms_norm(b, x, ckpt, "model.norm.weight", arch)
     if not all_logits:  # the last token of each sequence
         last = b.op("Sub", b.op("Slice", "cumulative_sequence_length", b.const([1], np.int64),
                                 b.const([2**31 - 1], np.int64)), b.const([1], np.int32))
         x = b.op("Gather", x, last, axis=0)
     head = "model.embed_tokens.weight" if arch.tied_embeddings else "lm_head.weight"
-    b.nodes.append(helper.make_node("MatMul", [x, b.weight("lm_head.weight.T", ckpt.weight(head).T)], ["logits"],
-                                    name="lm_head"))
+    lm_head = b.weight("lm_head.weight.T", ckpt.weight(head).T)
+    if arch.final_softcap:  # cap * tanh(logits / cap)
+        cap = b.const(np.array(arch.final_softcap, np_dtype))
+        raw = b.op("MatMul", x, lm_head)
+        b.nodes.append(helper.make_node("Mul", [b.op("Tanh", b.op("Div", raw, cap)), cap], ["logits"], name="softcap"))
+    else:
+        b.nodes.append(helper.make_node("MatMul", [x, lm_head], ["logits"], name="lm_head"))
     cache = ["num_blocks", "block_size", arch.kv_heads, arch.head_dim]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["num_tokens"]),
