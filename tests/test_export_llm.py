@@ -28,6 +28,9 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
         "head_dim": 16, "query_pre_attn_scalar": 12, "attn_logit_softcapping": 5.0, "final_logit_softcapping": 8.0,
         "sliding_window": 6, "layer_types": ["sliding_attention", "full_attention"]}),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {
+        "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 5,
+        "layer_types": ["sliding_attention", "full_attention"]}),
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
     "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {
         "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
@@ -121,7 +124,7 @@ def test_prefill_and_decode_match_transformers(tmp_path, rng, family):
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bloom"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(NotImplementedError, match="architecture 'bloom' is not supported; supported: gemma2, llama"):
+    with pytest.raises(NotImplementedError, match="architecture 'bloom' is not supported; supported: gemma2, gpt_oss, llama"):
         build(tmp_path, tmp_path / "out")
 
 

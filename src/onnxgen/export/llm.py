@@ -4,7 +4,8 @@ The graph uses standard ONNX where it serves (Gather, RMSNormalization, RotaryEm
 and ``onnxgen.preview.PagedAttention`` / ``onnxgen.preview.MoE`` for attention and experts.
 Families: Llama, Mistral (sliding window), Qwen2 (qkv bias), Qwen3 (q/k norm), Phi-3 (fused qkv and
 gate_up), Gemma 2 (soft caps, alternating sliding window, sandwich norms), Mixtral, Qwen2-MoE
-(sigmoid-gated shared expert), Qwen3-MoE.  The signature (docs/PagedSignature.md):
+(sigmoid-gated shared expert), Qwen3-MoE, gpt-oss (attention sinks, alternating sliding window,
+YaRN, clamped SwiGLU experts with biases).  The signature (docs/PagedSignature.md):
 
     inputs   input_ids int64 [num_tokens], position_ids int64 [num_tokens],
              cumulative_sequence_length int32 [B+1], past_seqlens int32 [B],
@@ -17,6 +18,7 @@ gate_up), Gemma 2 (soft caps, alternating sliding window, sandwich norms), Mixtr
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -46,10 +48,11 @@ class Architecture:
     intermediate: int
     vocab: int
     rms_eps: float
-    rope_theta: float
+    rope: dict  # rope_type (default | yarn), rope_theta and the YaRN parameters
     max_positions: int
     attention_bias: bool = False  # q/k/v projections with biases (Qwen2)
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sinks: bool = False  # a learned sink logit per head (gpt-oss)
     tied_embeddings: bool = False
     # Per layer: a query sees the last `window` positions (itself included); None = unbounded.
     layer_windows: list[int | None] = field(default_factory=list)
@@ -65,13 +68,15 @@ class Architecture:
     final_softcap: float = 0.0
 
 
-def _rope_theta(config: dict) -> float:
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise NotImplementedError(f"rope type {kind!r} is not supported yet (only the default RoPE)")
-    return float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
+def _rope_parameters(config: dict) -> dict:
+    """The RoPE parameters (default or YaRN); a clear error for other kinds."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in ("default", "yarn"):
+        raise NotImplementedError(f"rope type {kind!r} is not supported yet (default and yarn are)")
+    params["rope_type"] = kind
+    params["rope_theta"] = float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
+    return params
 
 
 def architecture(config: dict) -> Architecture:
@@ -89,7 +94,7 @@ def architecture(config: dict) -> Architecture:
         raise NotImplementedError(f"{family}: a sliding window on some layers only (max_window_layers) is not "
                                   "exported yet")
     layer_types = config.get("layer_types")
-    if family == "gemma2":
+    if family in ("gemma2", "gpt_oss") and layer_types:
         windows = [window if kind == "sliding_attention" else None for kind in layer_types]
     elif family in ("mistral", "mixtral", "phi3") and window:
         windows = [window] * layers
@@ -112,9 +117,10 @@ def architecture(config: dict) -> Architecture:
         intermediate=config.get("intermediate_size") or config.get("moe_intermediate_size"),
         vocab=config["vocab_size"],
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope_theta=_rope_theta(config),
+        rope=_rope_parameters(config),
         max_positions=int(config.get("max_position_embeddings", 4096)),
         attention_bias=bool(config.get("attention_bias", family in ("qwen2", "qwen2_moe"))),
+        sinks=family == "gpt_oss",
         qk_norm=family in ("qwen3", "qwen3_moe"),
         tied_embeddings=bool(config.get("tie_word_embeddings", False)),
         layer_windows=[int(w) if w else None for w in windows],
@@ -131,10 +137,10 @@ def architecture(config: dict) -> Architecture:
 
 
 DENSE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
 SUPPORTED = DENSE + MOE
 # Where a family keeps its sparse-MoE block on disk (per-expert tensors there; fused in memory).
-MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp"}
+MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "gpt_oss": "mlp"}
 # On-disk names of one expert's gate, up and down projections.
 EXPERT_PROJECTIONS = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
                       "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
@@ -172,10 +178,38 @@ class GraphBuilder:
 
 
 def _rope_caches(arch: Architecture) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin [max_positions, rotary_dim / 2], as transformers computes them (YaRN included)."""
     dim = arch.rotary_dim or arch.head_dim
-    inv_freq = 1.0 / (arch.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    rope, base = arch.rope, arch.rope["rope_theta"]
+    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32).astype(np.float64) / dim)
+    inv_freq, attention_factor = 1.0 / pos_freqs, 1.0
+    if rope["rope_type"] == "yarn":
+        factor = rope.get("factor") or arch.max_positions / rope["original_max_position_embeddings"]
+        original = rope["original_max_position_embeddings"]
+
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        attention_factor = rope.get("attention_factor")
+        if attention_factor is None:
+            m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+            attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+        def correction_dim(rotations):
+            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = correction_dim(rope.get("beta_fast") or 32), correction_dim(rope.get("beta_slow") or 1)
+        if rope.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    inv_freq = inv_freq.astype(np.float32).astype(np.float64)  # transformers keeps inv_freq in float32
     freqs = np.outer(np.arange(arch.max_positions, dtype=np.float64), inv_freq)
-    return np.cos(freqs), np.sin(freqs)
+    return np.cos(freqs) * attention_factor, np.sin(freqs) * attention_factor
 
 
 def _linear(b: GraphBuilder, x: str, ckpt: Checkpoint, prefix: str, bias: bool = False) -> str:
@@ -210,7 +244,7 @@ def _rope(b: GraphBuilder, x: str, heads: int, cos: str, sin: str, positions: st
 
 def is_moe_layer(config: dict, i: int) -> bool:
     family = config.get("model_type")
-    if family == "mixtral":
+    if family in ("mixtral", "gpt_oss"):
         return True
     if family not in MOE or not (config.get("num_experts") or config.get("num_local_experts") or 0):
         return False
@@ -226,14 +260,14 @@ def moe_block_weights(ckpt: Checkpoint, i: int) -> dict[str, np.ndarray]:
     """
     family = ckpt.config["model_type"]
     prefix = f"model.layers.{i}.{MOE_BLOCK[family]}."
-    gate_name, up_name, down_name = EXPERT_PROJECTIONS[family]
     names = [n for n in ckpt.names() if n.startswith(prefix)]
     weights = {n[len(prefix):]: ckpt.weight(n) for n in names if ".experts." not in "." + n[len(prefix):]}
     if not any(n[len(prefix):].startswith("experts.") for n in names):
         raise KeyError(f"layer {i}: no expert weights under {prefix!r} in {ckpt.folder}")
-    if ckpt.has(prefix + "experts.gate_up_proj"):  # already fused on disk
-        weights.update({k: ckpt.weight(prefix + k) for k in ("experts.gate_up_proj", "experts.down_proj")})
+    if ckpt.has(prefix + "experts.gate_up_proj"):  # already fused on disk (gpt-oss), biases too
+        weights.update({n[len(prefix):]: ckpt.weight(n) for n in names if n[len(prefix):].startswith("experts.")})
         return weights
+    gate_name, up_name, down_name = EXPERT_PROJECTIONS[family]
     experts = ckpt.config.get("num_local_experts") or ckpt.config["num_experts"]
     expert = lambda j, proj: ckpt.weight(f"{prefix}experts.{j}.{proj}.weight")  # noqa: E731
     weights["experts.gate_up_proj"] = np.stack(
@@ -308,12 +342,13 @@ def _layer(b: GraphBuilder, x: str, i: int, arch: Architecture, ckpt: Checkpoint
         attention["scale"] = arch.attention_scale
     if arch.attention_softcap:
         attention["softcap"] = arch.attention_softcap
+    sink = [b.weight(f"{p}.self_attn.sinks", ckpt.weight(f"{p}.self_attn.sinks"))] if arch.sinks else []
     attn = b.op(
-        "PagedAttention", q, k, v, f"key_cache.{i}", f"value_cache.{i}", *paged, domain=DOMAIN,
+        "PagedAttention", q, k, v, f"key_cache.{i}", f"value_cache.{i}", *paged, *sink, domain=DOMAIN,
         out_names=[b.name("attn"), f"key_cache_out.{i}", f"value_cache_out.{i}"], outputs=3,
         name=f"{p}.attention", **attention,
     )[0]
-    attn = _linear(b, attn, ckpt, f"{p}.self_attn.o_proj")
+    attn = _linear(b, attn, ckpt, f"{p}.self_attn.o_proj", bias=ckpt.has(f"{p}.self_attn.o_proj.bias"))
     if arch.sandwich_norms:  # Gemma 2: the sublayer's output is normed before the residual add
         attn = _rms_norm(b, attn, ckpt, f"{p}.post_attention_layernorm.weight", arch)
         x = b.op("Add", x, attn)
