@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -69,7 +70,9 @@ class PagedRunner:
     def __init__(self, model_dir, lengths_max: int, batch: int):
         import onnx
 
-        meta = json.loads((model_dir / "onnxgen.json").read_text())["architecture"]
+        info = json.loads((model_dir / "onnxgen.json").read_text())
+        meta = info["architecture"]
+        cache_dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[info["dtype"]]
         self.s = session(onnx.load(str(model_dir / "model.onnx")))
         blocks_per_seq = -(-lengths_max // BLOCK)
         num_blocks = batch * blocks_per_seq + 3
@@ -78,7 +81,7 @@ class PagedRunner:
         for i in range(meta["num_layers"]):
             for kind in ("key", "value"):
                 shape = (num_blocks, BLOCK, meta["kv_heads"], meta["head_dim"])
-                self.s.set_cache(f"{kind}_cache.{i}", np.zeros(shape, np.float32))
+                self.s.set_cache(f"{kind}_cache.{i}", np.zeros(shape, cache_dtype))
 
     def step(self, new_tokens: list[list[int]], past: list[int]) -> np.ndarray:
         ids, positions, slots = [], [], []
@@ -203,3 +206,32 @@ def test_greedy_generation_matches_generate(tmp_path, rng, family):
                 scores = result.scores[j][0]
                 assert float(scores[b] - scores[a]) < 1e-4, f"token {j}: ours {a}, transformers {b}"
                 break
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_narrow_weights_and_caches(tmp_path, rng, family, dtype):
+    """--dtype float16/bfloat16: weights and KV caches in that type, compute in fp32.  The oracle
+    is transformers with its weights rounded to the same type (fp32 compute); the caches' rounding
+    of K/V is the remaining difference (tolerance 2e-2 fp16, 8e-2 bf16 on logits of order 1)."""
+    hf = tiny_checkpoint(family, tmp_path / "hf", int(rng.integers(1 << 30)))
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(torch_dtype).float())
+    out = build(tmp_path / "hf", tmp_path / "onnx", block_size=BLOCK, dtype=dtype)
+    assert (out / "model.onnx.data").stat().st_size < sum(p.numel() for p in hf.parameters()) * 3
+    prompts = [list(map(int, rng.integers(0, 97, n))) for n in (5, 8)]
+    runner = PagedRunner(out, 12, len(prompts))
+    tol = 2e-2 if dtype == "float16" else 8e-2
+    sequences, past, new = [list(p) for p in prompts], [0, 0], [list(p) for p in prompts]
+    for _ in range(3):
+        logits = runner.step(new, past)
+        with torch.no_grad():
+            want = np.stack([hf(torch.tensor([s])).logits[0, -1].numpy() for s in sequences])
+        np.testing.assert_allclose(logits, want, rtol=tol, atol=tol)
+        chosen = [int(w.argmax()) for w in want]
+        past = [len(s) for s in sequences]
+        new = [[c] for c in chosen]
+        for s, c in zip(sequences, chosen):
+            s.append(c)

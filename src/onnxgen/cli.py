@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Supported: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2, Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss.")
     export.add_argument("checkpoint", help="a local Hugging Face checkpoint folder")
     export.add_argument("output", help="the model folder to write")
-    export.add_argument("--dtype", default="float32", choices=["float32"], help="weight type (default: %(default)s)")
+    export.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="type of the weights and KV caches; activations stay float32 (default: %(default)s)")
     export.add_argument("--all-logits", action="store_true", help="logits for every token, not only each sequence's last")
     export.add_argument("--block-size", type=int, default=16, help="KV block size recorded in onnxgen.json (default: 16)")
     export.set_defaults(run=_export)

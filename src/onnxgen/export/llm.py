@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -32,7 +33,13 @@ from ..ops.domain import DOMAIN, DOMAIN_VERSION
 from .checkpoint import Checkpoint
 
 OPSET = 24
-DTYPES = {"float32": (np.float32, TensorProto.FLOAT)}
+# Weight (and KV cache) types.  Activations stay float32: large weights are stored in the chosen
+# type and cast where they are used; norms, RoPE tables and sinks stay float32 (they are small).
+DTYPES = {
+    "float32": (np.dtype(np.float32), TensorProto.FLOAT),
+    "float16": (np.dtype(np.float16), TensorProto.FLOAT16),
+    "bfloat16": (np.dtype(ml_dtypes.bfloat16), TensorProto.BFLOAT16),
+}
 
 
 @dataclass
@@ -146,6 +153,13 @@ EXPERT_PROJECTIONS = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", 
                       "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
 
 
+def _tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
+    if array.dtype == ml_dtypes.bfloat16:  # numpy_helper has no bfloat16: store the raw bits
+        tensor = helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, array.view(np.uint16).tobytes(), raw=True)
+        return tensor
+    return numpy_helper.from_array(array, name)
+
+
 class GraphBuilder:
     """Nodes and initializers with fresh names: ``b.op("MatMul", x, w)`` returns the output name."""
 
@@ -167,7 +181,15 @@ class GraphBuilder:
         return outs[0] if len(outs) == 1 else outs
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(self.dtype)), name))
+        """A weight stored in the model's weight type; the float32 value to compute with."""
+        self.initializers.append(_tensor(np.ascontiguousarray(array.astype(self.dtype)), name))
+        if self.dtype == np.float32:
+            return name
+        return self.op("Cast", name, to=TensorProto.FLOAT)
+
+    def small_weight(self, name: str, array: np.ndarray) -> str:
+        """A float32 weight (norm scales, RoPE tables, sinks): too small to be worth narrowing."""
+        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(np.float32)), name))
         return name
 
     def const(self, array, dtype=None) -> str:
@@ -224,7 +246,7 @@ def _rms_norm(b: GraphBuilder, x: str, ckpt: Checkpoint, name: str, arch: Archit
     scale = ckpt.weight(name).astype(np.float32)
     if arch.norm_offset:  # Gemma stores the scale as an offset from 1
         scale = scale + 1.0
-    return b.op("RMSNormalization", x, b.weight(name, scale), axis=-1, epsilon=arch.rms_eps)
+    return b.op("RMSNormalization", x, b.small_weight(name, scale), axis=-1, epsilon=arch.rms_eps)
 
 
 def _per_head_norm(b: GraphBuilder, x: str, heads: int, arch: Architecture, ckpt: Checkpoint, name: str) -> str:
@@ -301,7 +323,13 @@ def _moe_mlp(b: GraphBuilder, h: str, i: int, ckpt: Checkpoint) -> str:
     from .moe import build_moe_block_model, moe_from_hf
 
     block = moe_from_hf(ckpt.config["model_type"], ckpt.config, moe_block_weights(ckpt, i))
-    return _splice(b, build_moe_block_model(block, dtype=b.dtype, opset=OPSET), h, f"model.layers.{i}.moe.")
+    if b.dtype == np.float32:
+        return _splice(b, build_moe_block_model(block, opset=OPSET), h, f"model.layers.{i}.moe.")
+    # The op takes X in its experts' type: the kernel streams the narrow weights and computes in fp32.
+    elem = helper.np_dtype_to_tensor_dtype(b.dtype)
+    x = b.op("Cast", h, to=elem)
+    y = _splice(b, build_moe_block_model(block, dtype=b.dtype, opset=OPSET), x, f"model.layers.{i}.moe.")
+    return b.op("Cast", y, to=TensorProto.FLOAT)
 
 
 def _projections(b: GraphBuilder, h: str, p: str, arch: Architecture, ckpt: Checkpoint) -> tuple[str, str, str]:
@@ -342,7 +370,7 @@ def _layer(b: GraphBuilder, x: str, i: int, arch: Architecture, ckpt: Checkpoint
         attention["scale"] = arch.attention_scale
     if arch.attention_softcap:
         attention["softcap"] = arch.attention_softcap
-    sink = [b.weight(f"{p}.self_attn.sinks", ckpt.weight(f"{p}.self_attn.sinks"))] if arch.sinks else []
+    sink = [b.small_weight(f"{p}.self_attn.sinks", ckpt.weight(f"{p}.self_attn.sinks"))] if arch.sinks else []
     attn = b.op(
         "PagedAttention", q, k, v, f"key_cache.{i}", f"value_cache.{i}", *paged, *sink, domain=DOMAIN,
         out_names=[b.name("attn"), f"key_cache_out.{i}", f"value_cache_out.{i}"], outputs=3,
@@ -374,9 +402,9 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = 
     embed = b.weight("model.embed_tokens.weight", ckpt.weight("model.embed_tokens.weight"))
     x = b.op("Gather", embed, "input_ids", axis=0)
     if arch.embed_scale:
-        x = b.op("Mul", x, b.const(np.array(arch.embed_scale, np_dtype)))
+        x = b.op("Mul", x, b.const(np.array(arch.embed_scale, np.float32)))
     cos, sin = _rope_caches(arch)
-    rope = (b.weight("rope.cos", cos), b.weight("rope.sin", sin),
+    rope = (b.small_weight("rope.cos", cos), b.small_weight("rope.sin", sin),
             b.op("Unsqueeze", "position_ids", b.const([0], np.int64)))
     for i in range(arch.num_layers):
         x = _layer(b, x, i, arch, ckpt, rope, paged)
@@ -390,7 +418,7 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = 
     head = "model.embed_tokens.weight" if arch.tied_embeddings else "lm_head.weight"
     lm_head = b.weight("lm_head.weight.T", ckpt.weight(head).T)
     if arch.final_softcap:  # cap * tanh(logits / cap)
-        cap = b.const(np.array(arch.final_softcap, np_dtype))
+        cap = b.const(np.array(arch.final_softcap, np.float32))
         raw = b.op("MatMul", x, lm_head)
         b.nodes.append(helper.make_node("Mul", [b.op("Tanh", b.op("Div", raw, cap)), cap], ["logits"], name="softcap"))
     else:
@@ -404,7 +432,8 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = 
         helper.make_tensor_value_info("block_table", TensorProto.INT32, ["batch", "max_blocks"]),
         helper.make_tensor_value_info("slot_mapping", TensorProto.INT32, ["num_tokens"]),
     ]
-    outputs = [helper.make_tensor_value_info("logits", onnx_dtype, ["num_tokens" if all_logits else "batch", arch.vocab])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             ["num_tokens" if all_logits else "batch", arch.vocab])]
     for i in range(arch.num_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"{kind}_cache.{i}", onnx_dtype, cache))
