@@ -79,8 +79,8 @@ def _rope_parameters(config: dict) -> dict:
     """The RoPE parameters (default or YaRN); a clear error for other kinds."""
     params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     kind = params.get("rope_type") or params.get("type") or "default"
-    if kind not in ("default", "yarn"):
-        raise NotImplementedError(f"rope type {kind!r} is not supported yet (default and yarn are)")
+    if kind not in ("default", "linear", "llama3", "yarn"):
+        raise NotImplementedError(f"rope type {kind!r} is not supported yet (default, linear, llama3 and yarn are)")
     params["rope_type"] = kind
     params["rope_theta"] = float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
     return params
@@ -229,6 +229,17 @@ def _rope_caches(arch: Architecture) -> tuple[np.ndarray, np.ndarray]:
         ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
         extrapolation = 1 - ramp
         inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    elif rope["rope_type"] == "linear":
+        inv_freq = inv_freq / rope["factor"]
+    elif rope["rope_type"] == "llama3":  # wavelengths beyond the original context are stretched
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        original = rope["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < original / high) & ~(wavelen > original / low)
+        inv_freq = np.where(medium, smoothed, scaled)
     inv_freq = inv_freq.astype(np.float32).astype(np.float64)  # transformers keeps inv_freq in float32
     freqs = np.outer(np.arange(arch.max_positions, dtype=np.float64), inv_freq)
     return np.cos(freqs) * attention_factor, np.sin(freqs) * attention_factor
