@@ -26,8 +26,8 @@ SIZES = {
     # ~500M: 24 layers of hidden 1280, 20 heads; vocab 32000.
     "llama-500M": ("llama", dict(vocab_size=32000, hidden_size=1280, intermediate_size=3584, num_hidden_layers=24,
                                   num_attention_heads=20, num_key_value_heads=4, max_position_embeddings=4096)),
-    # ~1B: 12 layers, 8 experts of intermediate 1536, hidden 1024.
-    "moe-1B": ("mixtral", dict(vocab_size=32000, hidden_size=1024, intermediate_size=1536, num_hidden_layers=12,
+    # ~1B: 24 layers, 8 experts of intermediate 1536, hidden 1024.
+    "moe-1B": ("mixtral", dict(vocab_size=32000, hidden_size=1024, intermediate_size=1536, num_hidden_layers=24,
                                 num_attention_heads=16, num_key_value_heads=4, num_local_experts=8,
                                 num_experts_per_tok=2, max_position_embeddings=4096)),
 }

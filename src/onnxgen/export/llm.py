@@ -160,14 +160,47 @@ def _tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
     return numpy_helper.from_array(array, name)
 
 
+class ExternalWeights:
+    """Writes large tensors' bytes straight into the external data file as the graph is built,
+    so a build holds about one weight in memory, not the whole model."""
+
+    THRESHOLD = 4096  # bytes; smaller tensors (shapes, scalars, index constants) stay inline
+
+    def __init__(self, path: Path):
+        self.path, self.file, self.offset = path, open(path, "wb"), 0
+
+    def move_out(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
+        if not tensor.HasField("raw_data") or len(tensor.raw_data) < self.THRESHOLD:
+            return tensor
+        pad = -self.offset % 64  # aligned, so the file can be memory-mapped
+        self.file.write(b"\0" * pad)
+        self.offset += pad
+        data = tensor.raw_data
+        self.file.write(data)
+        tensor.ClearField("raw_data")
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += len(data)
+        return tensor
+
+    def close(self) -> None:
+        self.file.close()
+
+
 class GraphBuilder:
     """Nodes and initializers with fresh names: ``b.op("MatMul", x, w)`` returns the output name."""
 
-    def __init__(self, dtype: np.dtype):
+    def __init__(self, dtype: np.dtype, external: ExternalWeights | None = None):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.dtype = dtype
+        self.external = external
         self._count = 0
+
+    def add(self, tensor: onnx.TensorProto) -> None:
+        self.initializers.append(self.external.move_out(tensor) if self.external else tensor)
 
     def name(self, hint: str) -> str:
         self._count += 1
@@ -182,14 +215,14 @@ class GraphBuilder:
 
     def weight(self, name: str, array: np.ndarray) -> str:
         """A weight stored in the model's weight type; the float32 value to compute with."""
-        self.initializers.append(_tensor(np.ascontiguousarray(array.astype(self.dtype)), name))
+        self.add(_tensor(np.ascontiguousarray(array.astype(self.dtype)), name))
         if self.dtype == np.float32:
             return name
         return self.op("Cast", name, to=TensorProto.FLOAT)
 
     def small_weight(self, name: str, array: np.ndarray) -> str:
         """A float32 weight (norm scales, RoPE tables, sinks): too small to be worth narrowing."""
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array.astype(np.float32)), name))
+        self.add(numpy_helper.from_array(np.ascontiguousarray(array.astype(np.float32)), name))
         return name
 
     def const(self, array, dtype=None) -> str:
@@ -316,7 +349,7 @@ def _splice(b: GraphBuilder, model: onnx.ModelProto, x: str, prefix: str) -> str
         rename[init.name] = prefix + init.name
         init = onnx.TensorProto.FromString(init.SerializeToString())
         init.name = prefix + init.name
-        b.initializers.append(init)
+        b.add(init)
     for node in model.graph.node:
         new = onnx.NodeProto.FromString(node.SerializeToString())
         new.name = b.name(prefix + (node.name or node.op_type))
@@ -402,13 +435,15 @@ def _layer(b: GraphBuilder, x: str, i: int, arch: Architecture, ckpt: Checkpoint
 
 
 def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = False,
-                progress: Callable[[int, int], None] | None = None) -> onnx.ModelProto:
-    """The ONNX graph of a checkpoint, weights as initializers (see ``build`` for the folder)."""
+                progress: Callable[[int, int], None] | None = None,
+                external: ExternalWeights | None = None) -> onnx.ModelProto:
+    """The ONNX graph of a checkpoint (see ``build`` for the folder).  With ``external``, large
+    weights go to its file as they are made; otherwise they stay in the ModelProto."""
     if dtype not in DTYPES:
         raise NotImplementedError(f"--dtype {dtype} is not supported yet; supported: {', '.join(DTYPES)}")
     np_dtype, onnx_dtype = DTYPES[dtype]
     arch = architecture(ckpt.config)
-    b = GraphBuilder(np_dtype)
+    b = GraphBuilder(np_dtype, external)
     paged = ["cumulative_sequence_length", "past_seqlens", "block_table", "slot_mapping"]
     embed = b.weight("model.embed_tokens.weight", ckpt.weight("model.embed_tokens.weight"))
     x = b.op("Gather", embed, "input_ids", axis=0)
@@ -461,11 +496,15 @@ def build(checkpoint_dir: str | Path, out_dir: str | Path, *, dtype: str = "floa
           block_size: int = 16, progress: Callable[[int, int], None] | None = None) -> Path:
     """Write ``out_dir/model.onnx`` (+ ``model.onnx.data``), ``onnxgen.json`` and the tokenizer files."""
     ckpt = Checkpoint(checkpoint_dir)
-    model = build_model(ckpt, dtype=dtype, all_logits=all_logits, progress=progress)
+    architecture(ckpt.config)  # refuse an unsupported family before writing anything
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, out / "model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="model.onnx.data", size_threshold=4096)
+    external = ExternalWeights(out / "model.onnx.data")
+    try:
+        model = build_model(ckpt, dtype=dtype, all_logits=all_logits, progress=progress, external=external)
+    finally:
+        external.close()
+    onnx.save_model(model, out / "model.onnx")
     arch = architecture(ckpt.config)
     generation = ckpt.generation_config()
     eos = generation.get("eos_token_id", ckpt.config.get("eos_token_id"))
