@@ -31,6 +31,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxgen import kernels
+from onnxgen.backends.ort import ort_value
 from onnxgen.ops.domain import DOMAIN, DOMAIN_VERSION
 from onnxgen.ops.moe import moe
 from onnxgen.passes import expand
@@ -95,12 +96,6 @@ def session(model, library=None):
     if library:
         options.register_custom_ops_library(library)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def ort_value(array):
-    if array.dtype == BF16:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), TensorProto.BFLOAT16)
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
 
 
 def main():

@@ -28,7 +28,8 @@ from onnxgen import kernels
 from onnxgen.ops.domain import DOMAIN, DOMAIN_VERSION
 from onnxgen.ops.grouped_matmul import grouped_matmul
 from onnxgen.ops.moe import moe
-from onnxgen.testing import _cast_bf16_outputs_to_float, _ort_value, feeds, single_node_model
+from onnxgen.backends.ort import ort_value
+from onnxgen.testing import cast_bf16_outputs_to_float, feeds, single_node_model
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 TOL = {np.dtype(np.float32): 1e-4, np.dtype(np.float16): 2e-3, BF16: 1e-2}
@@ -46,13 +47,13 @@ def library():
 
 
 def run_kernel(model, inputs, threads=2):
-    bf16_outputs = _cast_bf16_outputs_to_float(model)  # numpy has no bf16 for ORT: cast in the graph
+    bf16_outputs = cast_bf16_outputs_to_float(model)  # numpy has no bf16 for ORT: cast in the graph
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.register_custom_ops_library(kernels.library_path())
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    values = {name: _ort_value(a) for name, a in feeds(inputs).items()}
+    values = {name: ort_value(a) for name, a in feeds(inputs).items()}
     out = [v.numpy() for v in session.run_with_ort_values(None, values)]
     return [o.astype(BF16) if i in bf16_outputs else o for i, o in enumerate(out)]
 

@@ -61,25 +61,20 @@ def run_expanded_on_ort(model: onnx.ModelProto, inputs: Mapping[str, np.ndarray 
     onnxruntime's Python API has no numpy type for bfloat16: bf16 inputs are fed as OrtValues
     over their bits, and bf16 outputs are cast to float32 inside the graph (exact) and back.
     """
+    from .backends.ort import ort_value
     from .passes import expand
 
     expanded = expand(model)
-    bf16_outputs = _cast_bf16_outputs_to_float(expanded)
+    bf16_outputs = cast_bf16_outputs_to_float(expanded)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(expanded.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    values = {name: _ort_value(array) for name, array in feeds(inputs).items()}
+    values = {name: ort_value(array) for name, array in feeds(inputs).items()}
     results = [v.numpy() for v in session.run_with_ort_values(None, values)]
     return [r.astype(ml_dtypes.bfloat16) if i in bf16_outputs else r for i, r in enumerate(results)]
 
 
-def _ort_value(array: np.ndarray) -> ort.OrtValue:
-    if array.dtype == ml_dtypes.bfloat16:
-        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), TensorProto.BFLOAT16)
-    return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
-
-
-def _cast_bf16_outputs_to_float(model: onnx.ModelProto) -> set[int]:
+def cast_bf16_outputs_to_float(model: onnx.ModelProto) -> set[int]:
     cast = set()
     for i, output in enumerate(model.graph.output):
         if output.type.tensor_type.elem_type == TensorProto.BFLOAT16:

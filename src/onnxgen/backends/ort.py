@@ -44,7 +44,7 @@ def _needs_expansion(node: ir.Node) -> bool:
     return node.domain == DOMAIN and any(a.type == ir.AttributeType.GRAPH for a in node.attributes.values())
 
 
-def _ort_value(array: np.ndarray) -> ort.OrtValue:
+def ort_value(array: np.ndarray) -> ort.OrtValue:
     """An OrtValue over ``array``'s memory (bf16 through its bits: numpy has no bf16 for ORT)."""
     if array.dtype == _BF16:
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array.view(np.uint16), onnx.TensorProto.BFLOAT16)
@@ -89,7 +89,7 @@ class Session:
             raise KeyError(f"{name!r} is not a cache input of this model (caches: {sorted(self.pairs)})")
         array = np.ascontiguousarray(array)
         self.caches[name] = array
-        self._bound[name] = _ort_value(array)
+        self._bound[name] = ort_value(array)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         unknown = set(feeds) & set(self.pairs)
@@ -100,7 +100,7 @@ class Session:
             raise ValueError(f"no cache set for {sorted(missing)}: call set_cache first")
         binding = self.session.io_binding()
         for name, array in feeds.items():
-            binding.bind_ortvalue_input(name, _ort_value(np.ascontiguousarray(array)))
+            binding.bind_ortvalue_input(name, ort_value(np.ascontiguousarray(array)))
         for name in self.output_names:
             binding.bind_output(name, "cpu")
         for name, output in self.pairs.items():
