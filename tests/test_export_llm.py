@@ -240,3 +240,15 @@ def test_narrow_weights_and_caches(tmp_path, rng, family, dtype):
         new = [[c] for c in chosen]
         for s, c in zip(sequences, chosen):
             s.append(c)
+
+
+def test_all_logits(tmp_path, rng):
+    """--all-logits: one row of logits per new token, each equal to transformers' at that position."""
+    hf = tiny_checkpoint("qwen2", tmp_path / "hf", int(rng.integers(1 << 30)))
+    out = build(tmp_path / "hf", tmp_path / "onnx", block_size=BLOCK, all_logits=True)
+    prompts = [list(map(int, rng.integers(0, 97, n))) for n in (6, 3)]
+    logits = PagedRunner(out, 8, 2).step(prompts, [0, 0])
+    assert logits.shape == (9, 97)
+    with torch.no_grad():
+        want = np.concatenate([hf(torch.tensor([p])).logits[0].numpy() for p in prompts])
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-4)
