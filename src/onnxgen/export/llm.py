@@ -18,7 +18,6 @@ YaRN, clamped SwiGLU experts with biases).  The signature (docs/PagedSignature.m
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -27,10 +26,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from ..ops.domain import DOMAIN, DOMAIN_VERSION
 from .checkpoint import Checkpoint
+from .graph import ExternalWeights, GraphBuilder
+from .rope import rope_caches, rope_parameters
 
 OPSET = 24
 # Weight (and KV cache) types.  Activations stay float32: large weights are stored in the chosen
@@ -75,17 +76,6 @@ class Architecture:
     final_softcap: float = 0.0
 
 
-def _rope_parameters(config: dict) -> dict:
-    """The RoPE parameters (default or YaRN); a clear error for other kinds."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    kind = params.get("rope_type") or params.get("type") or "default"
-    if kind not in ("default", "linear", "llama3", "yarn"):
-        raise NotImplementedError(f"rope type {kind!r} is not supported yet (default, linear, llama3 and yarn are)")
-    params["rope_type"] = kind
-    params["rope_theta"] = float(params.get("rope_theta") or config.get("rope_theta") or 10000.0)
-    return params
-
-
 def architecture(config: dict) -> Architecture:
     """Read the config of a supported family; a clear error for anything else."""
     family = config.get("model_type")
@@ -124,7 +114,7 @@ def architecture(config: dict) -> Architecture:
         intermediate=config.get("intermediate_size") or config.get("moe_intermediate_size"),
         vocab=config["vocab_size"],
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope=_rope_parameters(config),
+        rope=rope_parameters(config),
         max_positions=int(config.get("max_position_embeddings", 4096)),
         attention_bias=bool(config.get("attention_bias", family in ("qwen2", "qwen2_moe"))),
         sinks=family == "gpt_oss",
@@ -151,131 +141,6 @@ MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "ml
 # On-disk names of one expert's gate, up and down projections.
 EXPERT_PROJECTIONS = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
                       "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
-
-
-def _tensor(array: np.ndarray, name: str) -> onnx.TensorProto:
-    if array.dtype == ml_dtypes.bfloat16:  # numpy_helper has no bfloat16: store the raw bits
-        tensor = helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, array.view(np.uint16).tobytes(), raw=True)
-        return tensor
-    return numpy_helper.from_array(array, name)
-
-
-class ExternalWeights:
-    """Writes large tensors' bytes straight into the external data file as the graph is built,
-    so a build holds about one weight in memory, not the whole model."""
-
-    THRESHOLD = 4096  # bytes; smaller tensors (shapes, scalars, index constants) stay inline
-
-    def __init__(self, path: Path):
-        self.path, self.file, self.offset = path, open(path, "wb"), 0
-
-    def move_out(self, tensor: onnx.TensorProto) -> onnx.TensorProto:
-        if not tensor.HasField("raw_data") or len(tensor.raw_data) < self.THRESHOLD:
-            return tensor
-        pad = -self.offset % 64  # aligned, so the file can be memory-mapped
-        self.file.write(b"\0" * pad)
-        self.offset += pad
-        data = tensor.raw_data
-        self.file.write(data)
-        tensor.ClearField("raw_data")
-        tensor.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(data)))):
-            entry = tensor.external_data.add()
-            entry.key, entry.value = key, value
-        self.offset += len(data)
-        return tensor
-
-    def close(self) -> None:
-        self.file.close()
-
-
-class GraphBuilder:
-    """Nodes and initializers with fresh names: ``b.op("MatMul", x, w)`` returns the output name."""
-
-    def __init__(self, dtype: np.dtype, external: ExternalWeights | None = None):
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
-        self.dtype = dtype
-        self.external = external
-        self._count = 0
-
-    def add(self, tensor: onnx.TensorProto) -> None:
-        self.initializers.append(self.external.move_out(tensor) if self.external else tensor)
-
-    def name(self, hint: str) -> str:
-        self._count += 1
-        return f"{hint}_{self._count}"
-
-    def op(self, op_type: str, *inputs: str, outputs: int = 1, domain: str = "", name: str | None = None,
-           out_names: list[str] | None = None, **attrs) -> str | list[str]:
-        outs = out_names or [self.name(op_type.lower()) for _ in range(outputs)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, domain=domain, name=name or self.name(op_type),
-                                           **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-    def weight(self, name: str, array: np.ndarray) -> str:
-        """A weight stored in the model's weight type; the float32 value to compute with."""
-        self.add(_tensor(np.ascontiguousarray(array.astype(self.dtype)), name))
-        if self.dtype == np.float32:
-            return name
-        return self.op("Cast", name, to=TensorProto.FLOAT)
-
-    def small_weight(self, name: str, array: np.ndarray) -> str:
-        """A float32 weight (norm scales, RoPE tables, sinks): too small to be worth narrowing."""
-        self.add(numpy_helper.from_array(np.ascontiguousarray(array.astype(np.float32)), name))
-        return name
-
-    def const(self, array, dtype=None) -> str:
-        """A small constant, kept inline (shapes and indices never go to external data)."""
-        name = self.name("const")
-        self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype=dtype), name))
-        return name
-
-
-def _rope_caches(arch: Architecture) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin [max_positions, rotary_dim / 2], as transformers computes them (YaRN included)."""
-    dim = arch.rotary_dim or arch.head_dim
-    rope, base = arch.rope, arch.rope["rope_theta"]
-    pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float32).astype(np.float64) / dim)
-    inv_freq, attention_factor = 1.0 / pos_freqs, 1.0
-    if rope["rope_type"] == "yarn":
-        factor = rope.get("factor") or arch.max_positions / rope["original_max_position_embeddings"]
-        original = rope["original_max_position_embeddings"]
-
-        def mscale(scale, m=1.0):
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
-        attention_factor = rope.get("attention_factor")
-        if attention_factor is None:
-            m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
-            attention_factor = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
-
-        def correction_dim(rotations):
-            return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        low, high = correction_dim(rope.get("beta_fast") or 32), correction_dim(rope.get("beta_slow") or 1)
-        if rope.get("truncate", True):
-            low, high = math.floor(low), math.ceil(high)
-        low, high = max(low, 0), min(high, dim - 1)
-        if low == high:
-            high += 0.001
-        ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0, 1)
-        extrapolation = 1 - ramp
-        inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-    elif rope["rope_type"] == "linear":
-        inv_freq = inv_freq / rope["factor"]
-    elif rope["rope_type"] == "llama3":  # wavelengths beyond the original context are stretched
-        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
-        original = rope["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = np.where(wavelen > original / low, inv_freq / factor, inv_freq)
-        smooth = (original / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = ~(wavelen < original / high) & ~(wavelen > original / low)
-        inv_freq = np.where(medium, smoothed, scaled)
-    inv_freq = inv_freq.astype(np.float32).astype(np.float64)  # transformers keeps inv_freq in float32
-    freqs = np.outer(np.arange(arch.max_positions, dtype=np.float64), inv_freq)
-    return np.cos(freqs) * attention_factor, np.sin(freqs) * attention_factor
 
 
 def _linear(b: GraphBuilder, x: str, ckpt: Checkpoint, prefix: str, bias: bool = False) -> str:
@@ -449,7 +314,7 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = 
     x = b.op("Gather", embed, "input_ids", axis=0)
     if arch.embed_scale:
         x = b.op("Mul", x, b.const(np.array(arch.embed_scale, np.float32)))
-    cos, sin = _rope_caches(arch)
+    cos, sin = rope_caches(arch.rope, arch.rotary_dim or arch.head_dim, arch.max_positions)
     rope = (b.small_weight("rope.cos", cos), b.small_weight("rope.sin", sin),
             b.op("Unsqueeze", "position_ids", b.const([0], np.int64)))
     for i in range(arch.num_layers):
