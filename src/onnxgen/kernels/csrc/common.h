@@ -412,13 +412,7 @@ ONNXGEN_AVX512 inline void weighted_rows_bf16_split(const float* const* probs, i
         for (auto& x : r) x = _mm512_setzero_ps();
       for (int64_t t = 0; t < n; ++t) {
         __m512 b[4];
-        bool any = false;
-        for (int64_t v = 0; v < 4; ++v) {
-          const float p = v < count ? probs[v0 + v][t] : 0.f;
-          any |= p != 0.f;
-          b[v] = _mm512_set1_ps(p);
-        }
-        if (!any) continue;
+        if (!broadcast_probs(probs + v0, count, t, b)) continue;
         const uint16_t* row = static_cast<const uint16_t*>(rows) + t * row_stride + c;
         for (int64_t j = 0; j < chunks; ++j) {
           __m512 even, odd;
@@ -527,6 +521,18 @@ ONNXGEN_AVX512 inline void scores_tile(const float* const* q, int64_t nq, const 
   }
 }
 
+// b[v] = probs[v][t] broadcast, for the `count` (<= 4) queries of a block (zeros past count);
+// false when all of them are 0 (a masked key: nothing to add).
+ONNXGEN_AVX512 inline bool broadcast_probs(const float* const* probs, int64_t count, int64_t t, __m512* b) {
+  bool any = false;
+  for (int64_t v = 0; v < 4; ++v) {
+    const float p = v < count ? probs[v][t] : 0.f;
+    any |= p != 0.f;
+    b[v] = _mm512_set1_ps(p);
+  }
+  return any;
+}
+
 // acc[v][0:dv] += sum_{t < n} probs[v][t] * row_t for nq queries: four queries x 64 columns
 // of sums held in registers, so each value row is loaded (and converted) once per four queries.
 template <DType T>
@@ -543,13 +549,7 @@ ONNXGEN_AVX512 void weighted_rows(const float* const* probs, int64_t nq, const v
         for (auto& x : row) x = _mm512_setzero_ps();
       for (int64_t t = 0; t < n; ++t) {
         __m512 b[4];
-        bool any = false;
-        for (int64_t v = 0; v < 4; ++v) {
-          const float p = v < count ? probs[v0 + v][t] : 0.f;
-          any |= p != 0.f;
-          b[v] = _mm512_set1_ps(p);
-        }
-        if (!any) continue;
+        if (!broadcast_probs(probs + v0, count, t, b)) continue;
         const void* row = static_cast<const char*>(rows) + size_t(t * row_stride + c) * width;
         for (int64_t j = 0; j < chunks; ++j) {
           const __m512 x = load16<T>(row, j * 16, j + 1 < chunks ? __mmask16(0xffff) : tail);
