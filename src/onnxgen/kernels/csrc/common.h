@@ -397,6 +397,18 @@ ONNXGEN_AVX512 inline void dots4x4_bf16_split(const float* q, const void* k, int
   store_sums4x4(a, out, out_stride);
 }
 
+// b[v] = probs[v][t] broadcast, for the `count` (<= 4) queries of a block (zeros past count);
+// false when all of them are 0 (a masked key: nothing to add).
+ONNXGEN_AVX512 inline bool broadcast_probs(const float* const* probs, int64_t count, int64_t t, __m512* b) {
+  bool any = false;
+  for (int64_t v = 0; v < 4; ++v) {
+    const float p = v < count ? probs[v][t] : 0.f;
+    any |= p != 0.f;
+    b[v] = _mm512_set1_ps(p);
+  }
+  return any;
+}
+
 // weighted_rows for bf16 rows with dv a multiple of 32: sums kept in even/odd order, interleaved
 // back once at the end.
 ONNXGEN_AVX512 inline void weighted_rows_bf16_split(const float* const* probs, int64_t nq, const void* rows,
@@ -519,18 +531,6 @@ ONNXGEN_AVX512 inline void scores_tile(const float* const* q, int64_t nq, const 
     for (int64_t d = 0; d < depth; ++d) a = _mm512_fmadd_ps(_mm512_set1_ps(q[v][d]), _mm512_loadu_ps(kt + d * 16), a);
     _mm512_mask_storeu_ps(out[v], keep, a);
   }
-}
-
-// b[v] = probs[v][t] broadcast, for the `count` (<= 4) queries of a block (zeros past count);
-// false when all of them are 0 (a masked key: nothing to add).
-ONNXGEN_AVX512 inline bool broadcast_probs(const float* const* probs, int64_t count, int64_t t, __m512* b) {
-  bool any = false;
-  for (int64_t v = 0; v < 4; ++v) {
-    const float p = v < count ? probs[v][t] : 0.f;
-    any |= p != 0.f;
-    b[v] = _mm512_set1_ps(p);
-  }
-  return any;
 }
 
 // acc[v][0:dv] += sum_{t < n} probs[v][t] * row_t for nq queries: four queries x 64 columns
