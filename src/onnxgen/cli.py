@@ -47,6 +47,84 @@ def _export(args) -> int:
     return 0
 
 
+def _model_dir(args) -> str:
+    if args.model:
+        return args.model
+    from .default_model import default_model
+
+    return str(default_model())
+
+
+def _sampling(args):
+    from .engine import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                          temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop or [],
+                          ignore_eos=args.ignore_eos)
+
+
+def _engine(args):
+    from .engine import LLMEngine
+
+    return LLMEngine(_model_dir(args), max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+                     kv_cache_gib=args.kv_cache_gib, prefix_caching=not args.no_prefix_caching, threads=args.threads)
+
+
+def _generate(args) -> int:
+    import time
+
+    engine = _engine(args)
+    params = _sampling(args)
+    params.validate()
+    prompts = args.prompt
+    if args.chat:
+        messages = [{"role": "system", "content": args.system}] if args.system else []
+        prompts = [engine.tokenizer.encode_chat(messages + [{"role": "user", "content": p}]) for p in prompts]
+    ids = [engine.add_request(p, params) for p in prompts]
+    stream = len(ids) == 1
+    start, first = time.perf_counter(), None
+    for output in engine.iterate(progress=not stream):
+        first = first or time.perf_counter()
+        if stream:
+            print(output.new_text, end="", flush=True)
+        elif output.finished:
+            print(f"[{ids.index(output.request_id)}] {output.text!r} ({output.finish_reason})")
+    if stream:
+        print()
+    seconds = time.perf_counter() - start
+    stats = engine.stats
+    print(f"{stats.generated_tokens} tokens in {seconds:.2f} s ({stats.generated_tokens / seconds:.1f} tok/s), "
+          f"first token after {1000 * ((first or start) - start):.0f} ms, {stats.steps} steps, "
+          f"{engine.scheduler.num_preemptions} preemptions, {stats.cached_prompt_tokens} prompt tokens from the "
+          "prefix cache", file=sys.stderr)
+    return 0
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="a model folder made by `onnxgen export` (default: the embedded "
+                                        "random-weight Mixtral-style model, built once and cached)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default: %(default)s)")
+    parser.add_argument("--max-batched-tokens", type=int, default=512,
+                        help="tokens per step; longer prompts are prefilled in chunks (default: %(default)s)")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache memory (default: %(default)s GiB)")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt blocks")
+    parser.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+
+
+def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="default: %(default)s")
+    parser.add_argument("--min-new-tokens", type=int, default=0, help="eos is ignored before this (default: 0)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="0 = off (default)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1 = off)")
+    parser.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p × the top probability")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off (default)")
+    parser.add_argument("--seed", type=int, help="seed of each request's sampler (reproducible output)")
+    parser.add_argument("--stop", action="append", metavar="TEXT", help="stop before this text (repeatable)")
+    parser.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens whatever the model says")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxgen",
@@ -77,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--block-size", type=int, default=16, help="KV block size recorded in onnxgen.json (default: 16)")
     export.set_defaults(run=_export)
 
+    generate = commands.add_parser(
+        "generate", help="generate text with the serving engine (streams one prompt; batches several)",
+        description="Run prompts through onnxgen's engine (paged KV cache, continuous batching) on onnxruntime "
+                    "with onnxgen's kernels. One prompt streams its text; several run together and print as "
+                    "they finish. Without --model, the embedded default (a random-weight Mixtral-style MoE with "
+                    "Mistral's tokenizer) is built once and cached: its text is gibberish, its path is real.",
+        epilog='example: onnxgen generate "Once upon a time" --max-new-tokens 32 --temperature 0.8 --seed 1')
+    generate.add_argument("prompt", nargs="+", help="prompt text (several: one request each)")
+    generate.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    generate.add_argument("--system", help="a system message (with --chat)")
+    _add_engine_options(generate)
+    _add_sampling_options(generate)
+    generate.set_defaults(run=_generate)
+
     exp = commands.add_parser("expand", help="inline onnxgen ops and FlexAttention so stock runtimes run a model")
     exp.add_argument("model", help="input .onnx file")
     exp.add_argument("output", help="output .onnx file")
@@ -86,7 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as error:
+        print(f"onnxgen {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

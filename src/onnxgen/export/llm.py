@@ -166,11 +166,12 @@ def _per_head_norm(b: GraphBuilder, x: str, heads: int, arch: Architecture, ckpt
 
 
 def _rope(b: GraphBuilder, x: str, heads: int, cos: str, sin: str, positions: str, rotary_dim: int | None) -> str:
-    """RotaryEmbedding (opset 23) on flat tokens: [T, heads*D] seen as a batch of one."""
-    batched = b.op("Unsqueeze", x, b.const([0], np.int64))
+    """RotaryEmbedding (opset 23) on flat tokens: [T, heads*D] seen as T sequences of one token
+    (onnxruntime refuses a sequence longer than the cos/sin tables, even where positions fit)."""
+    batched = b.op("Unsqueeze", x, b.const([1], np.int64))
     extra = {"rotary_embedding_dim": rotary_dim} if rotary_dim else {}
     rotated = b.op("RotaryEmbedding", batched, cos, sin, positions, num_heads=heads, **extra)
-    return b.op("Squeeze", rotated, b.const([0], np.int64))
+    return b.op("Squeeze", rotated, b.const([1], np.int64))
 
 
 def is_moe_layer(config: dict, i: int) -> bool:
@@ -316,7 +317,7 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = 
         x = b.op("Mul", x, b.const(np.array(arch.embed_scale, np.float32)))
     cos, sin = rope_caches(arch.rope, arch.rotary_dim or arch.head_dim, arch.max_positions)
     rope = (b.small_weight("rope.cos", cos), b.small_weight("rope.sin", sin),
-            b.op("Unsqueeze", "position_ids", b.const([0], np.int64)))
+            b.op("Unsqueeze", "position_ids", b.const([1], np.int64)))
     for i in range(arch.num_layers):
         x = _layer(b, x, i, arch, ckpt, rope, paged)
         if progress:
