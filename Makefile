@@ -8,7 +8,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 # The C++ kernel library is built by the package build (setup.py); its sources trigger rebuilds.
 KERNEL_SOURCES := setup.py tools/ort_headers.py $(wildcard src/onnxgen/kernels/csrc/*)
 
-.PHONY: install install-dev demo test docs asan-test bench clean
+.PHONY: install install-dev run demo test docs asan-test bench clean
 
 $(VENV)/.runtime: pyproject.toml $(KERNEL_SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.runtime
 
 install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev
+
+# The main job: the serving engine generates text with the embedded default model (a random-weight
+# Mixtral-style MoE with Mistral's tokenizer, built once into ~/.cache/onnxgen), then serves a workload.
+PROMPT ?= Once upon a time
+run: $(VENV)/.runtime
+	$(VENV)/bin/onnxgen generate "$(PROMPT)" --max-new-tokens 48 --temperature 0.8 --seed 1
 
 demo: $(VENV)/.runtime
 	$(VENV)/bin/onnxgen demo

@@ -102,6 +102,21 @@ class LLMEngine:
         self.scheduler.finish(seq, "abort")
         self._aborted.append(self._output(seq, [], "", prompt_stats=True))
 
+    def append_tokens(self, request_id: str, tokens: list[int]) -> None:
+        """Feed more input to a running request (a user's next turn): the tokens join its
+        sequence after what it has generated; its max_new_tokens counts generated tokens only."""
+        if request_id not in self.requests:
+            raise KeyError(f"no unfinished request {request_id!r}")
+        if any(not 0 <= t < self.runner.vocab for t in tokens):
+            raise ValueError(f"token ids must be in [0, {self.runner.vocab})")
+        seq, detok = self.requests[request_id]
+        if len(seq) + len(tokens) >= self.max_model_len:
+            raise ValueError(f"the request would exceed this model's context of {self.max_model_len} tokens")
+        seq.tokens.extend(tokens)
+        seq.params.max_new_tokens += len(tokens)
+        if detok:
+            seq.text += detok.add(tokens)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests) or bool(self._aborted)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import itertools
 from dataclasses import dataclass, field
@@ -64,7 +65,7 @@ class Sequence:
         self.request_id = request_id if request_id is not None else f"req-{self.seq_id}"
         self.tokens = list(prompt_ids)
         self.prompt_len = len(prompt_ids)
-        self.params = params
+        self.params = dataclasses.replace(params)  # its own copy: the engine may extend its budget
         self.rng = np.random.default_rng(params.seed)
         self.status = Status.WAITING
         self.block_table: list[int] = []

@@ -1,0 +1,7 @@
+"""The working group's GenAI pipeline interfaces over onnxgen's engine."""
+
+from .config import BeamSearchConfig, GenerationConfig, SamplingConfig
+from .text2text import DecodedResults, Generator, Text2TextPipeline
+
+__all__ = ["BeamSearchConfig", "DecodedResults", "GenerationConfig", "Generator", "SamplingConfig",
+           "Text2TextPipeline"]
