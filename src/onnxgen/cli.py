@@ -101,6 +101,21 @@ def _generate(args) -> int:
     return 0
 
 
+def _bench_serve(args) -> int:
+    import math
+
+    from .engine.workload import Workload, run
+
+    engine = _engine(args)
+    workload = Workload(num_requests=args.requests, prompt_lens=tuple(args.prompt_lens),
+                        output_lens=tuple(args.output_lens), rate=args.rate or math.inf, seed=args.seed,
+                        shared_prefix=args.shared_prefix)
+    report = run(engine, workload, progress=True)
+    print(report.table(f"onnxgen engine, {args.requests} requests"
+                       + (f" at {args.rate}/s" if args.rate else ", all at once")))
+    return 0
+
+
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a model folder made by `onnxgen export` (default: the embedded "
                                         "random-weight Mixtral-style model, built once and cached)")
@@ -168,6 +183,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_options(generate)
     _add_sampling_options(generate)
     generate.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks of onnxgen's own parts")
+    bench_kinds = bench.add_subparsers(dest="bench", required=True, metavar="KIND")
+    serve = bench_kinds.add_parser(
+        "serve", help="serve a random workload with the engine: tokens/s, TTFT, ITL, KV utilisation",
+        description="Requests with random prompt and output lengths (exact: eos ignored) arrive all at once or at "
+                    "--rate per second; the engine serves them with continuous batching. Prints output tokens/s, "
+                    "time to first token and inter-token latency percentiles, and KV utilisation.",
+        epilog="example: onnxgen bench serve --requests 32 --prompt-lens 16 512 --output-lens 16 256")
+    serve.add_argument("--requests", type=int, default=32, help="default: %(default)s")
+    serve.add_argument("--prompt-lens", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"),
+                       help="prompt lengths, uniform in [MIN, MAX] (default: 16 512)")
+    serve.add_argument("--output-lens", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"),
+                       help="output lengths, uniform in [MIN, MAX] (default: 16 256)")
+    serve.add_argument("--rate", type=float, help="arrivals per second, Poisson (default: all at once)")
+    serve.add_argument("--shared-prefix", type=int, default=0, help="tokens of a system prompt every request shares")
+    serve.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
+    _add_engine_options(serve)
+    serve.set_defaults(run=_bench_serve)
 
     exp = commands.add_parser("expand", help="inline onnxgen ops and FlexAttention so stock runtimes run a model")
     exp.add_argument("model", help="input .onnx file")
