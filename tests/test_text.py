@@ -138,3 +138,12 @@ def test_cli_generate(default_folder, capsys):
     assert out.strip() and "5 tokens in" in err
     assert main(["generate", "Hi", "--top-p", "0", "--kv-cache-gib", "0.05"]) == 2
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_cli_bench_serve(default_folder, capsys):
+    from onnxgen.cli import main
+
+    assert main(["bench", "serve", "--requests", "3", "--prompt-lens", "4", "20", "--output-lens", "2", "5",
+                 "--kv-cache-gib", "0.05", "--shared-prefix", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "output tokens/s" in out and "KV utilisation" in out and "requests / prompt tokens" in out
