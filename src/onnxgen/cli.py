@@ -116,6 +116,21 @@ def _bench_serve(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import uvicorn
+
+    from .serve.server import build_app
+
+    app = build_app(model=args.model, image_model=args.image_model, api_key=args.api_key,
+                    max_waiting=args.max_waiting, engine_options=dict(
+                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+                        kv_cache_gib=args.kv_cache_gib, prefix_caching=not args.no_prefix_caching,
+                        threads=args.threads), no_images=args.no_images)
+    print(f"onnxgen serving on http://{args.host}:{args.port}  (playground at /, API at /v1, metrics at /metrics)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="a model folder made by `onnxgen export` (default: the embedded "
                                         "random-weight Mixtral-style model, built once and cached)")
@@ -202,6 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--seed", type=int, default=0, help="workload seed (default: 0)")
     _add_engine_options(serve)
     serve.set_defaults(run=_bench_serve)
+
+    serve = commands.add_parser(
+        "serve", help="an OpenAI-compatible server (chat, completions, images) with a playground page",
+        description="Serve /v1/models, /v1/completions, /v1/chat/completions (streaming or not), "
+                    "/v1/images/generations, /health and /metrics, and a playground page at /. All clients share "
+                    "one engine (continuous batching). Without --model the embedded default text model is served.",
+        epilog="example: onnxgen serve --port 8000 --api-key secret; then "
+               "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='secret')")
+    serve.add_argument("--host", default="127.0.0.1", help="default: %(default)s (loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="default: %(default)s")
+    serve.add_argument("--image-model", help="a text-to-image model folder (default: the embedded default)")
+    serve.add_argument("--no-images", action="store_true", help="serve no image model")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 (compared in constant time)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="requests allowed to wait; beyond, 429 with Retry-After (default: %(default)s)")
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    _add_engine_options(serve)
+    serve.set_defaults(run=_serve)
 
     exp = commands.add_parser("expand", help="inline onnxgen ops and FlexAttention so stock runtimes run a model")
     exp.add_argument("model", help="input .onnx file")

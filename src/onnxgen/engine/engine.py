@@ -73,6 +73,18 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
+        ids = self.check_request(prompt, params)
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(ids, params, request_id)
+        detok = Detokenizer(self.tokenizer, ids) if self.tokenizer else None
+        self.requests[seq.request_id] = (seq, detok)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def check_request(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """The prompt's token ids, or a ValueError saying why the engine cannot take the request.
+        Reads only the engine's configuration: safe to call from another thread."""
         params.validate()
         ids = self._encode(prompt)
         if not ids or prompt == "":
@@ -86,13 +98,7 @@ class LLMEngine:
         if self.pool.blocks_for(longest) > len(self.pool.blocks):
             raise ValueError(f"a request of up to {longest} tokens needs {self.pool.blocks_for(longest)} KV blocks; "
                              f"the cache has {len(self.pool.blocks)} (raise num_blocks or kv_cache_gib)")
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(ids, params, request_id)
-        detok = Detokenizer(self.tokenizer, ids) if self.tokenizer else None
-        self.requests[seq.request_id] = (seq, detok)
-        self.scheduler.add(seq)
-        return seq.request_id
+        return ids
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request now and free its blocks; the next ``step`` reports it finished ("abort")."""
