@@ -121,11 +121,17 @@ def _serve(args) -> int:
 
     from .serve.server import build_app
 
-    app = build_app(model=args.model, image_model=args.image_model, api_key=args.api_key,
-                    max_waiting=args.max_waiting, engine_options=dict(
-                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
-                        kv_cache_gib=args.kv_cache_gib, prefix_caching=not args.no_prefix_caching,
-                        threads=args.threads), no_images=args.no_images)
+    options = dict(model=args.model, image_model=args.image_model, api_key=args.api_key, max_waiting=args.max_waiting,
+                   engine_options=dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+                                       kv_cache_gib=args.kv_cache_gib, prefix_caching=not args.no_prefix_caching,
+                                       threads=args.threads), no_images=args.no_images)
+    if args.replicas > 1:
+        from .serve import replicas
+
+        print(f"onnxgen serving {args.replicas} replicas on Ray Serve at http://{args.host}:{args.port}")
+        replicas.run(args.replicas, args.host, args.port, **options)
+        return 0
+    app = build_app(**options)
     print(f"onnxgen serving on http://{args.host}:{args.port}  (playground at /, API at /v1, metrics at /metrics)")
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -233,6 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-waiting", type=int, default=256,
                        help="requests allowed to wait; beyond, 429 with Retry-After (default: %(default)s)")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--replicas", type=int, default=1,
+                       help="run N engine replicas behind one endpoint on Ray Serve (needs ray[serve]; default: 1)")
     _add_engine_options(serve)
     serve.set_defaults(run=_serve)
 
