@@ -2,10 +2,12 @@
 
 The graph uses standard ONNX where it serves (Gather, RMSNormalization, RotaryEmbedding, MatMul)
 and ``onnxgen.preview.PagedAttention`` / ``onnxgen.preview.MoE`` for attention and experts.
-Families: Llama, Mistral (sliding window), Qwen2 (qkv bias), Qwen3 (q/k norm), Phi-3 (fused qkv and
-gate_up), Gemma 2 (soft caps, alternating sliding window, sandwich norms), Mixtral, Qwen2-MoE
-(sigmoid-gated shared expert), Qwen3-MoE, gpt-oss (attention sinks, alternating sliding window,
-YaRN, clamped SwiGLU experts with biases).  The signature (docs/PagedSignature.md):
+Families: Llama, Mistral (sliding window), Qwen2 (qkv bias, windows on some layers), Qwen3 (q/k
+norm), Phi-3 (fused qkv and gate_up), Gemma (norm offsets, scaled embeddings, GeGLU), Gemma 2 (+
+soft caps, alternating sliding window, sandwich norms), Granite (embedding, attention, residual
+and logit multipliers), OLMo 2 (post-norms, whole-projection q/k norm), SmolLM3 (no RoPE on some
+layers), Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE, OLMoE, gpt-oss (attention
+sinks, alternating sliding window, YaRN, clamped SwiGLU experts with biases).  The signature (docs/PagedSignature.md):
 
     inputs   input_ids int64 [num_tokens], position_ids int64 [num_tokens],
              cumulative_sequence_length int32 [B+1], past_seqlens int32 [B],
@@ -74,6 +76,15 @@ class Architecture:
     attention_scale: float | None = None  # None = 1/sqrt(head_dim)
     attention_softcap: float = 0.0
     final_softcap: float = 0.0
+    # Granite: sublayer outputs scaled before the residual add; logits divided by a constant.
+    residual_scale: float = 1.0
+    logits_divisor: float = 1.0
+    # Per layer: whether RoPE is applied (SmolLM3 leaves it out of every fourth layer); empty = all.
+    rope_layers: list[bool] = field(default_factory=list)
+    # OLMo 2 / OLMoE: RMSNorm over the whole q and k projections (not per head).
+    qk_norm_full: bool = False
+    # OLMo 2: no norms before the sublayers; their outputs are normed before the residual add.
+    post_norms: bool = False
 
 
 def architecture(config: dict) -> Architecture:
@@ -87,23 +98,29 @@ def architecture(config: dict) -> Architecture:
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     layers = config["num_hidden_layers"]
     window = config.get("sliding_window")
-    if family in ("qwen2", "qwen2_moe") and config.get("use_sliding_window") and window:
-        raise NotImplementedError(f"{family}: a sliding window on some layers only (max_window_layers) is not "
-                                  "exported yet")
     layer_types = config.get("layer_types")
-    if family in ("gemma2", "gpt_oss") and layer_types:
+    if family in ("qwen2", "qwen2_moe", "smollm3") and not config.get("use_sliding_window"):
+        window = None  # these configs carry a sliding_window they do not use
+    if layer_types and window:  # transformers' per-layer kinds (Gemma 2, gpt-oss, Qwen2 max_window_layers, ...)
         windows = [window if kind == "sliding_attention" else None for kind in layer_types]
     elif family in ("mistral", "mixtral", "phi3") and window:
         windows = [window] * layers
     else:
         windows = [None] * layers
+    no_rope = config.get("no_rope_layers") if family == "smollm3" else None
     partial = (config.get("rope_parameters") or {}).get("partial_rotary_factor") or config.get("partial_rotary_factor")
     rotary_dim = int(head_dim * partial) if partial and partial != 1.0 else None
     activation = config.get("hidden_activation") or config.get("hidden_act") or "silu"
     activations = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
     if activation not in activations:
         raise NotImplementedError(f"{family}: MLP activation {activation!r} is not supported")
-    gemma = family == "gemma2"
+    gemma = family in ("gemma", "gemma2")
+    granite = family in ("granite", "granitemoe")
+    scale = None
+    if family == "gemma2":
+        scale = float(config["query_pre_attn_scalar"]) ** -0.5
+    elif granite:
+        scale = float(config.get("attention_multiplier", 1.0))
     return Architecture(
         family=family,
         num_layers=layers,
@@ -119,28 +136,34 @@ def architecture(config: dict) -> Architecture:
         attention_bias=bool(config.get("attention_bias", family in ("qwen2", "qwen2_moe"))),
         sinks=family == "gpt_oss",
         qk_norm=family in ("qwen3", "qwen3_moe"),
-        tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qk_norm_full=family in ("olmo2", "olmoe"),
+        post_norms=family == "olmo2",
+        tied_embeddings=bool(config.get("tie_word_embeddings", family == "gemma")),
         layer_windows=[int(w) if w else None for w in windows],
         activation=activations[activation],
         fused_projections=family == "phi3",
         rotary_dim=rotary_dim,
         norm_offset=gemma,
-        embed_scale=float(config["hidden_size"]) ** 0.5 if gemma else None,
-        sandwich_norms=gemma,
-        attention_scale=float(config["query_pre_attn_scalar"]) ** -0.5 if gemma else None,
-        attention_softcap=float(config.get("attn_logit_softcapping") or 0.0) if gemma else 0.0,
-        final_softcap=float(config.get("final_logit_softcapping") or 0.0) if gemma else 0.0,
+        embed_scale=(float(config["hidden_size"]) ** 0.5 if gemma
+                     else float(config.get("embedding_multiplier", 1.0)) if granite else None),
+        sandwich_norms=family == "gemma2",
+        attention_scale=scale,
+        attention_softcap=float(config.get("attn_logit_softcapping") or 0.0) if family == "gemma2" else 0.0,
+        final_softcap=float(config.get("final_logit_softcapping") or 0.0) if family == "gemma2" else 0.0,
+        residual_scale=float(config.get("residual_multiplier", 1.0)) if granite else 1.0,
+        logits_divisor=float(config.get("logits_scaling", 1.0)) if granite else 1.0,
+        rope_layers=[bool(r) for r in no_rope] if no_rope else [],
     )
 
 
-DENSE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2")
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss")
+DENSE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "granite", "olmo2", "smollm3")
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe")
 SUPPORTED = DENSE + MOE
 # Where a family keeps its sparse-MoE block on disk (per-expert tensors there; fused in memory).
-MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "gpt_oss": "mlp"}
+MOE_BLOCK = {"mixtral": "block_sparse_moe", "qwen2_moe": "mlp", "qwen3_moe": "mlp", "gpt_oss": "mlp", "olmoe": "mlp"}
 # On-disk names of one expert's gate, up and down projections.
 EXPERT_PROJECTIONS = {"mixtral": ("w1", "w3", "w2"), "qwen2_moe": ("gate_proj", "up_proj", "down_proj"),
-                      "qwen3_moe": ("gate_proj", "up_proj", "down_proj")}
+                      "qwen3_moe": ("gate_proj", "up_proj", "down_proj"), "olmoe": ("gate_proj", "up_proj", "down_proj")}
 
 
 def _linear(b: GraphBuilder, x: str, ckpt: Checkpoint, prefix: str, bias: bool = False) -> str:
@@ -176,7 +199,7 @@ def _rope(b: GraphBuilder, x: str, heads: int, cos: str, sin: str, positions: st
 
 def is_moe_layer(config: dict, i: int) -> bool:
     family = config.get("model_type")
-    if family in ("mixtral", "gpt_oss"):
+    if family in ("mixtral", "gpt_oss", "olmoe"):
         return True
     if family not in MOE or not (config.get("num_experts") or config.get("num_local_experts") or 0):
         return False
@@ -265,14 +288,18 @@ def _mlp(b: GraphBuilder, h: str, p: str, arch: Architecture, ckpt: Checkpoint) 
 def _layer(b: GraphBuilder, x: str, i: int, arch: Architecture, ckpt: Checkpoint, rope: tuple[str, str, str],
            paged: list[str]) -> str:
     p = f"model.layers.{i}"
-    h = _rms_norm(b, x, ckpt, f"{p}.input_layernorm.weight", arch)
+    h = x if arch.post_norms else _rms_norm(b, x, ckpt, f"{p}.input_layernorm.weight", arch)
     q, k, v = _projections(b, h, p, arch, ckpt)
     if arch.qk_norm:
         q = _per_head_norm(b, q, arch.heads, arch, ckpt, f"{p}.self_attn.q_norm.weight")
         k = _per_head_norm(b, k, arch.kv_heads, arch, ckpt, f"{p}.self_attn.k_norm.weight")
+    if arch.qk_norm_full:
+        q = _rms_norm(b, q, ckpt, f"{p}.self_attn.q_norm.weight", arch)
+        k = _rms_norm(b, k, ckpt, f"{p}.self_attn.k_norm.weight", arch)
     cos, sin, positions = rope
-    q = _rope(b, q, arch.heads, cos, sin, positions, arch.rotary_dim)
-    k = _rope(b, k, arch.kv_heads, cos, sin, positions, arch.rotary_dim)
+    if not arch.rope_layers or arch.rope_layers[i]:
+        q = _rope(b, q, arch.heads, cos, sin, positions, arch.rotary_dim)
+        k = _rope(b, k, arch.kv_heads, cos, sin, positions, arch.rotary_dim)
     window = arch.layer_windows[i] if arch.layer_windows else None
     attention = {"num_heads": arch.heads, "kv_num_heads": arch.kv_heads,
                  "local_window_size": window - 1 if window else -1}
@@ -293,11 +320,20 @@ def _layer(b: GraphBuilder, x: str, i: int, arch: Architecture, ckpt: Checkpoint
         h = _rms_norm(b, x, ckpt, f"{p}.pre_feedforward_layernorm.weight", arch)
         return b.op("Add", x, _rms_norm(b, _mlp(b, h, p, arch, ckpt), ckpt, f"{p}.post_feedforward_layernorm.weight",
                                         arch))
-    x = b.op("Add", x, attn)
+    if arch.post_norms:  # OLMo 2: x + norm(attn(x)), then x + norm(mlp(x))
+        x = b.op("Add", x, _rms_norm(b, attn, ckpt, f"{p}.post_attention_layernorm.weight", arch))
+        return b.op("Add", x, _rms_norm(b, _mlp(b, x, p, arch, ckpt), ckpt, f"{p}.post_feedforward_layernorm.weight",
+                                        arch))
+    x = b.op("Add", x, _residual_scaled(b, attn, arch))
     h = _rms_norm(b, x, ckpt, f"{p}.post_attention_layernorm.weight", arch)
-    if is_moe_layer(ckpt.config, i):
-        return b.op("Add", x, _moe_mlp(b, h, i, ckpt))
-    return b.op("Add", x, _mlp(b, h, p, arch, ckpt))
+    mlp = _moe_mlp(b, h, i, ckpt) if is_moe_layer(ckpt.config, i) else _mlp(b, h, p, arch, ckpt)
+    return b.op("Add", x, _residual_scaled(b, mlp, arch))
+
+
+def _residual_scaled(b: GraphBuilder, y: str, arch: Architecture) -> str:
+    if arch.residual_scale == 1.0:
+        return y
+    return b.op("Mul", y, b.const(np.array(arch.residual_scale, np.float32)))
 
 
 def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = False,
@@ -327,6 +363,8 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = 
         last = b.op("Sub", b.op("Slice", "cumulative_sequence_length", b.const([1], np.int64),
                                 b.const([2**31 - 1], np.int64)), b.const([1], np.int32))
         x = b.op("Gather", x, last, axis=0)
+    if arch.logits_divisor != 1.0:  # Granite: logits / logits_scaling, folded into the final norm's output
+        x = b.op("Div", x, b.const(np.array(arch.logits_divisor, np.float32)))
     head = "model.embed_tokens.weight" if arch.tied_embeddings else "lm_head.weight"
     lm_head = b.weight("lm_head.weight.T", ckpt.weight(head).T)
     if arch.final_softcap:  # cap * tanh(logits / cap)
