@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="build a paged ONNX model from a local Hugging Face checkpoint folder",
         description="Read config.json and *.safetensors from CHECKPOINT (no torch needed) and write OUTPUT/model.onnx "
                     "with the paged signature (see docs/PagedSignature.md), onnxgen.json and the tokenizer files. "
-                    "Supported: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, Granite, OLMo 2, SmolLM3, "
+                    "Supported: Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma, Gemma 2, Gemma 3, Granite, OLMo 2, SmolLM3, "
                     "Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, gpt-oss.")
     export.add_argument("checkpoint", help="a local Hugging Face checkpoint folder")
     export.add_argument("output", help="the model folder to write")

@@ -4,7 +4,8 @@ The graph uses standard ONNX where it serves (Gather, RMSNormalization, RotaryEm
 and ``onnxgen.preview.PagedAttention`` / ``onnxgen.preview.MoE`` for attention and experts.
 Families: Llama, Mistral (sliding window), Qwen2 (qkv bias, windows on some layers), Qwen3 (q/k
 norm), Phi-3 (fused qkv and gate_up), Gemma (norm offsets, scaled embeddings, GeGLU), Gemma 2 (+
-soft caps, alternating sliding window, sandwich norms), Granite (embedding, attention, residual
+soft caps, alternating sliding window, sandwich norms), Gemma 3 (+ q/k norm, a RoPE table per
+kind of layer), Granite (embedding, attention, residual
 and logit multipliers), OLMo 2 (post-norms, whole-projection q/k norm), SmolLM3 (no RoPE on some
 layers), Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE, OLMoE, gpt-oss (attention
 sinks, alternating sliding window, YaRN, clamped SwiGLU experts with biases).  The signature (docs/PagedSignature.md):
@@ -85,6 +86,9 @@ class Architecture:
     qk_norm_full: bool = False
     # OLMo 2: no norms before the sublayers; their outputs are normed before the residual add.
     post_norms: bool = False
+    # Gemma 3: RoPE parameters per kind of layer ("sliding_attention", "full_attention"); empty = ``rope``.
+    rope_by_kind: dict = field(default_factory=dict)
+    layer_kinds: list[str] = field(default_factory=list)
 
 
 def architecture(config: dict) -> Architecture:
@@ -114,10 +118,13 @@ def architecture(config: dict) -> Architecture:
     activations = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
     if activation not in activations:
         raise NotImplementedError(f"{family}: MLP activation {activation!r} is not supported")
-    gemma = family in ("gemma", "gemma2")
+    gemma = family in ("gemma", "gemma2", "gemma3_text")
+    nested = config.get("rope_parameters") or {}
+    by_kind = {kind: rope_parameters({"rope_parameters": nested[kind]}) for kind in ("sliding_attention", "full_attention")
+               if isinstance(nested.get(kind), dict)}
     granite = family in ("granite", "granitemoe")
     scale = None
-    if family == "gemma2":
+    if family in ("gemma2", "gemma3_text"):
         scale = float(config["query_pre_attn_scalar"]) ** -0.5
     elif granite:
         scale = float(config.get("attention_multiplier", 1.0))
@@ -131,11 +138,13 @@ def architecture(config: dict) -> Architecture:
         intermediate=config.get("intermediate_size") or config.get("moe_intermediate_size"),
         vocab=config["vocab_size"],
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
-        rope=rope_parameters(config),
+        rope=next(iter(by_kind.values())) if by_kind else rope_parameters(config),
+        rope_by_kind=by_kind,
+        layer_kinds=list(layer_types or []),
         max_positions=int(config.get("max_position_embeddings", 4096)),
         attention_bias=bool(config.get("attention_bias", family in ("qwen2", "qwen2_moe"))),
         sinks=family == "gpt_oss",
-        qk_norm=family in ("qwen3", "qwen3_moe"),
+        qk_norm=family in ("qwen3", "qwen3_moe", "gemma3_text"),
         qk_norm_full=family in ("olmo2", "olmoe"),
         post_norms=family == "olmo2",
         tied_embeddings=bool(config.get("tie_word_embeddings", family == "gemma")),
@@ -146,7 +155,7 @@ def architecture(config: dict) -> Architecture:
         norm_offset=gemma,
         embed_scale=(float(config["hidden_size"]) ** 0.5 if gemma
                      else float(config.get("embedding_multiplier", 1.0)) if granite else None),
-        sandwich_norms=family == "gemma2",
+        sandwich_norms=family in ("gemma2", "gemma3_text"),
         attention_scale=scale,
         attention_softcap=float(config.get("attn_logit_softcapping") or 0.0) if family == "gemma2" else 0.0,
         final_softcap=float(config.get("final_logit_softcapping") or 0.0) if family == "gemma2" else 0.0,
@@ -156,7 +165,8 @@ def architecture(config: dict) -> Architecture:
     )
 
 
-DENSE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "granite", "olmo2", "smollm3")
+DENSE = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text", "granite", "olmo2",
+         "smollm3")
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "olmoe")
 SUPPORTED = DENSE + MOE
 # Where a family keeps its sparse-MoE block on disk (per-expert tensors there; fused in memory).
@@ -351,11 +361,15 @@ def build_model(ckpt: Checkpoint, *, dtype: str = "float32", all_logits: bool = 
     x = b.op("Gather", embed, "input_ids", axis=0)
     if arch.embed_scale:
         x = b.op("Mul", x, b.const(np.array(arch.embed_scale, np.float32)))
-    cos, sin = rope_caches(arch.rope, arch.rotary_dim or arch.head_dim, arch.max_positions)
-    rope = (b.small_weight("rope.cos", cos), b.small_weight("rope.sin", sin),
-            b.op("Unsqueeze", "position_ids", b.const([1], np.int64)))
+    positions = b.op("Unsqueeze", "position_ids", b.const([1], np.int64))
+    ropes = {}  # one cos/sin table per kind of layer (one kind unless the config says otherwise)
+    for kind, params in (arch.rope_by_kind or {"": arch.rope}).items():
+        cos, sin = rope_caches(params, arch.rotary_dim or arch.head_dim, arch.max_positions)
+        suffix = f".{kind}" if kind else ""
+        ropes[kind] = (b.small_weight(f"rope.cos{suffix}", cos), b.small_weight(f"rope.sin{suffix}", sin), positions)
     for i in range(arch.num_layers):
-        x = _layer(b, x, i, arch, ckpt, rope, paged)
+        kind = arch.layer_kinds[i] if arch.rope_by_kind else ""
+        x = _layer(b, x, i, arch, ckpt, ropes[kind], paged)
         if progress:
             progress(i + 1, arch.num_layers)
     x = _rms_norm(b, x, ckpt, "model.norm.weight", arch)
