@@ -86,7 +86,7 @@ def test_prefill_and_decode_match_transformers(tmp_path, rng, family):
 def test_unsupported_architecture_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bloom"}))
     (tmp_path / "model.safetensors").write_bytes(b"")
-    with pytest.raises(NotImplementedError, match="architecture .bloom. is not supported; supported: gemma, gemma2, gpt_oss, granite, llama"):
+    with pytest.raises(NotImplementedError, match="architecture .bloom. is not supported; supported: gemma, .*, llama, "):
         build(tmp_path, tmp_path / "out")
 
 
