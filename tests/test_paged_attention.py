@@ -191,7 +191,8 @@ def test_reference_rejects_bad_input(rng, what, message):
         paged_attention(*inputs.values(), **attrs)
 
 
-def test_score_mod_is_refused_clearly(rng):
+def test_identity_score_mod_changes_nothing(rng):
+    """score_mod is evaluated now (tests/test_score_mods.py checks it against flex_attention)."""
     inputs, attrs = random_batch(rng, batch=2, block_size=4, group=1, mode="decode")
     score = helper.make_tensor_value_info("score", TensorProto.FLOAT, [])
     ints = [helper.make_tensor_value_info(n, TensorProto.INT32, []) for n in ("b", "h", "q", "kv")]
@@ -199,10 +200,9 @@ def test_score_mod_is_refused_clearly(rng):
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [])])
     model = single_node_model("PagedAttention", inputs, OUTPUTS,
                               score_mod=graph, **attrs)
-    with pytest.raises(NotImplementedError, match="score_mod"):
-        run_reference(model, inputs)
-    with pytest.raises(NotImplementedError, match="score_mod"):
-        run_expanded_on_ort(model, inputs)
+    want = oracle(inputs, **attrs)
+    np.testing.assert_allclose(run_reference(model, inputs)[0], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(run_expanded_on_ort(model, inputs)[0], want, rtol=1e-4, atol=1e-4)
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])

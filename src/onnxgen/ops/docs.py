@@ -59,9 +59,24 @@ def render_op(name: str) -> str:
     return "\n".join(lines)
 
 
+def render_score_mods() -> str:
+    """The score-mod library (``onnxgen.ops.score_mods``): its doc, then each builder's."""
+    import inspect
+
+    from . import score_mods
+
+    lines = ["## Score mods", "", "`onnxgen.ops.score_mods`: " + inspect.cleandoc(score_mods.__doc__), ""]
+    for name in ("causal", "sliding_window", "softcap", "alibi", "alibi_slopes", "relative_position_bias",
+                 "prefix_lm", "document_mask", "compose", "flex_score_mod"):
+        function = getattr(score_mods, name)
+        lines += [f"### `{name}{inspect.signature(function)}`", "", inspect.cleandoc(function.__doc__), ""]
+    return "\n".join(lines)
+
+
 def render() -> str:
-    index = [f"- [{name}](#{name.lower()})" for name in sorted(OPS)]
-    return HEADER + "\n".join(index) + "\n\n" + "\n".join(render_op(name) for name in sorted(OPS))
+    index = [f"- [{name}](#{name.lower()})" for name in sorted(OPS)] + ["- [Score mods](#score-mods)"]
+    return (HEADER + "\n".join(index) + "\n\n" + "\n".join(render_op(name) for name in sorted(OPS))
+            + "\n" + render_score_mods())
 
 
 def write(path: str | Path = "docs/Operators.md") -> Path:

@@ -6,13 +6,17 @@ Per sequence the result is ONNX ``Attention`` (opset 25) over the logical sequen
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 from onnx import TensorProto
 from onnx.reference.op_run import OpRun
 
 from . import _schema as S
+from . import flex_score
 from .domain import DOMAIN, DOMAIN_VERSION
 
 NAME = "PagedAttention"
@@ -55,9 +59,20 @@ longer than its row of the block table, cumulative lengths that are not increasi
 hidden sizes are refused.
 
 `score_mod` (optional graph attribute) is the paged form of FlexAttention: a pointwise graph
-`(score float32, batch int32, head int32, q_pos int32, kv_pos int32) -> score float32`
-applied after softcap and before the masks (−inf masks). This version of onnxgen accepts it in
-the schema but does not evaluate it yet: the reference and the expansion raise an error."""
+`(score float32, batch int32, head int32, q_pos int32, kv_pos int32) -> score float32`, its five
+inputs and one output in that order. `score` is the scaled (and soft-capped) logit, `batch` the
+sequence's index in the batch, `head` the query head, `q_pos` and `kv_pos` absolute positions
+in the sequence (`q_pos = past + row`). It is applied after softcap and before the causal and
+window masks; a mask is written as −inf, and a row it masks completely gives 0. Every node is
+elementwise with broadcasting (Add, Sub, Mul, Div, Neg, Abs, Tanh, Exp, Log, Sqrt, Pow, Where,
+comparisons, And/Or/Not, Min/Max, Clip, Cast, Constant, Identity, …; a Gather reads a constant
+1-D table at computed indices), and constants are scalars, so an implementation may evaluate it
+on scalars, on broadcast tensors or over a vector of keys. Its value only matters at the pairs
+the masks keep (`kv_pos < past + new`); a table it gathers from must cover them.
+`onnxgen.ops.score_mods` builds the common ones (causal, sliding window, softcap, ALiBi,
+relative position bias, prefix-LM, document masking) and composes them. onnxgen's kernel runs
+it compiled to a small bytecode (`onnxgen.passes.compile_score_mod`); the reference and the
+function body evaluate the graph itself."""
 
 SCHEMA = S.Schema(
     NAME, DOMAIN, DOMAIN_VERSION, DOC,
@@ -103,6 +118,12 @@ def infer(ctx) -> None:
         c.fail(f"num_heads and kv_num_heads must be positive, got {num_heads} and {kv_heads}")
     if num_heads % kv_heads:
         c.fail(f"num_heads={num_heads} is not a multiple of kv_num_heads={kv_heads}")
+    mod = ctx.get_attribute("score_mod")
+    if mod is not None:
+        try:
+            flex_score.check(mod.g, NAME)
+        except flex_score.ScoreModError as error:
+            c.fail(str(error).removeprefix(f"{NAME}: "))
     q, k, v = c.rank(0, 2, "query"), c.rank(1, 2, "key"), c.rank(2, 2, "value")
     kc, vc = c.rank(3, 4, "key_cache"), c.rank(4, 4, "value_cache")
     cu, past = c.rank(5, 1, "cumulative_sequence_length"), c.rank(6, 1, "past_seqlens")
@@ -243,8 +264,11 @@ def token_slots(layout: Layout, cu, past, table) -> np.ndarray:
     return slots
 
 
-def attend(q, k, v, past: int, *, scale, softcap, is_causal, local_window_size, sink):
-    """One sequence: q [n, Hq, D], k [L, Hkv, D], v [L, Hkv, Dv] in fp32 -> [n, Hq, Dv]."""
+def attend(q, k, v, past: int, *, scale, softcap, is_causal, local_window_size, sink, score_mod=None):
+    """One sequence: q [n, Hq, D], k [L, Hkv, D], v [L, Hkv, Dv] in fp32 -> [n, Hq, Dv].
+
+    ``score_mod(scores [Hq, n, L], head [Hq, 1, 1], q_pos [1, n, 1], kv_pos [1, 1, L])``
+    returns the modified scores."""
     group = q.shape[1] // k.shape[1]
     k = np.repeat(k, group, axis=1)
     v = np.repeat(v, group, axis=1)
@@ -253,6 +277,8 @@ def attend(q, k, v, past: int, *, scale, softcap, is_causal, local_window_size, 
         scores = softcap * np.tanh(scores / softcap)
     q_pos = past + np.arange(q.shape[0])[:, None]
     kv_pos = np.arange(k.shape[0])[None, :]
+    if score_mod is not None:
+        scores = score_mod(scores, np.arange(q.shape[1])[:, None, None], q_pos[None], kv_pos[None])
     allowed = np.ones_like(scores[0], dtype=bool)
     if is_causal:
         allowed &= kv_pos <= q_pos
@@ -276,10 +302,8 @@ def paged_attention(query, key, value, key_cache, value_cache, cumulative_sequen
                     softcap=0.0, is_causal=1, local_window_size=-1, score_mod=None):
     """The math, in numpy: returns (output, key_cache_out, value_cache_out)."""
     if score_mod is not None:
-        raise NotImplementedError(
-            "PagedAttention: the score_mod graph attribute is part of the schema but this version of "
-            "onnxgen does not evaluate it yet; remove it or expand it by hand"
-        )
+        score_mod = getattr(score_mod, "proto_", score_mod)  # onnx.reference hands over an evaluator
+        flex_score.check(score_mod, NAME)
     cu, past, table = cumulative_sequence_length, past_seqlens, block_table
     layout = check_inputs(query, key, value, key_cache, value_cache, cu, past, table, slot_mapping, head_sink,
                           num_heads, kv_num_heads)
@@ -297,8 +321,12 @@ def paged_attention(query, key, value, key_cache, value_cache, cumulative_sequen
         past_slots = (table[b, positions // layout.block_size], positions % layout.block_size)
         k = np.concatenate([key_cache[past_slots].astype(np.float32), k_new[begin:end]])
         v = np.concatenate([value_cache[past_slots].astype(np.float32), v_new[begin:end]])
+        mod = None
+        if score_mod is not None:
+            mod = functools.partial(lambda s, h, qp, kp, b: flex_score.evaluate(score_mod, s, b, h, qp, kp), b=b)
         outputs[begin:end] = attend(q[begin:end], k, v, n_past, scale=scale, softcap=softcap,
-                                    is_causal=is_causal, local_window_size=local_window_size, sink=sink)
+                                    is_causal=is_causal, local_window_size=local_window_size, sink=sink,
+                                    score_mod=mod)
 
     slots = slot_mapping.astype(np.int64) if slot_mapping is not None else token_slots(layout, cu, past, table)
     written = slots >= 0
@@ -327,10 +355,11 @@ def body(op, inputs, attrs):
     scores are ``[B, Hkv, group, max_new, max_total]``: memory grows with the longest
     sequence, not with num_tokens².
     """
-    if attrs.get("score_mod") is not None:
-        raise NotImplementedError(
-            "PagedAttention: expanding a node with a score_mod graph is not supported yet in this version"
-        )
+    score_mod = attrs.get("score_mod")
+    if score_mod is not None:
+        if not isinstance(score_mod, onnx.GraphProto):  # an onnx-ir graph from the expand pass
+            score_mod = ir.serde.serialize_graph(score_mod)
+        flex_score.check(score_mod, NAME)
     query, key, value, key_cache, value_cache, cu, past, table, slots, sink = (list(inputs) + [None] * 10)[:10]
     num_heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
     group = num_heads // kv_heads
@@ -422,6 +451,24 @@ def body(op, inputs, attrs):
         scores = op.Mul(op.Tanh(op.Div(scores, cap)), cap)
     q_pos = op.Unsqueeze(op.Add(past_col, q_row), op.ints(2))  # [B, M, 1]
     key_pos = op.Unsqueeze(kv_pos, op.ints(0))  # [1, 1, L]
+    if score_mod is not None:
+        # Padding rows and columns see clamped positions (their scores are masked below), so a
+        # table the mod reads only needs to cover the real pairs.
+        last = op.Unsqueeze(op.Sub(totals, op.ints(1)), op.ints(1, 2))  # [B, 1, 1]
+        i32 = TensorProto.INT32
+
+        def five_d(x, axes):
+            return op.Cast(op.Unsqueeze(x, op.ints(*axes)), to=i32)
+
+        mod_inputs = [
+            scores,
+            five_d(op.Range(op.const(0, np.int64), scalar(op.Shape(past)), op.const(1, np.int64)), (1, 2, 3, 4)),
+            op.Cast(op.Reshape(op.Range(op.const(0, np.int64), op.const(num_heads, np.int64), op.const(1, np.int64)),
+                               op.const([1, kv_heads, group, 1, 1], np.int64)), to=i32),
+            five_d(op.Min(q_pos, last), (1, 2)),   # [B, 1, 1, M, 1]
+            five_d(op.Min(key_pos, last), (1, 2)),  # [B, 1, 1, 1, L]
+        ]
+        scores = op.Expand(flex_score.inline(op, score_mod, mod_inputs), op.Shape(scores))
     allowed = op.Less(key_pos, op.Unsqueeze(totals, op.ints(1, 2)))
     if attrs["is_causal"]:
         allowed = op.And(allowed, op.LessOrEqual(key_pos, q_pos))
