@@ -1,0 +1,258 @@
+"""The backends that make and run blobs.
+
+``openvino``: the scope compiled by OpenVINO for the CPU and exported (``CompiledModel.export_model``);
+loading is ``Core.import_model``, which skips reading the ONNX graph, OpenVINO's transformations
+and kernel selection.
+
+``onnxruntime``: the scope after onnxruntime's full graph optimisation (level ALL: constant folding,
+fusions, layout changes), saved in ORT format; loading skips parsing ONNX, the optimisers and (for
+onnxgen ops) the expand pass for graph attributes.  The blob records the kernel library it was made
+with; custom ops resolve against onnxgen's kernels at load.
+
+``onnxgen-kernels``: onnxgen's compiled CPU kernel library itself (a shared library: native code),
+so a scope of onnxgen ops runs on the kernels where this onnxgen has no built library and would
+otherwise run the ops' function bodies (the expanded graph).  Used only when the caller passes
+``allow_native_code=True``; the library is written to a private file after its sha256 is checked.
+
+Each backend: ``version()`` (None when absent), ``supports(node)`` (for automatic scopes),
+``compile(sub)`` -> (payload, blob fields), ``load(payload, blob, sub_inputs, sub_outputs)`` ->
+a callable from feeds to outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ..ops.domain import DOMAIN
+from .format import Blob, ContextError, cpu_hardware
+
+
+def has_onnxgen_ops(model: onnx.ModelProto) -> bool:
+    return any(n.domain in (DOMAIN, "ai.onnx.preview") for n in model.graph.node)
+
+
+def ort_session(model: onnx.ModelProto | bytes, *, library: str | None = "default", threads: int | None = None,
+                optimized_path: str | None = None, ort_format: bool = False, level=None):
+    """An onnxruntime CPU session; onnxgen's kernels registered when the model needs them
+    (``library="default"``: the package's own build); nodes the kernels cannot run expanded."""
+    import onnxruntime as ort
+
+    from .. import kernels
+    from ..backends.ort import _needs_expansion
+    from ..passes import expand
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if level is not None:
+        options.graph_optimization_level = level
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+        if ort_format:
+            options.add_session_config_entry("session.save_model_format", "ORT")
+    if isinstance(model, bytes):  # an ORT-format payload
+        options.add_session_config_entry("session.load_model_format", "ORT")
+        if library:
+            options.register_custom_ops_library(kernels.library_path() if library == "default" else library)
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    if has_onnxgen_ops(model):
+        path = kernels.library_path() if library == "default" else library
+        if path:
+            options.register_custom_ops_library(path)
+            model = expand(model, only=_needs_expansion)
+        else:
+            model = expand(model)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def ort_runner(session):
+    names = [o.name for o in session.get_outputs()]
+
+    def run(feeds):
+        return dict(zip(names, session.run(names, feeds)))
+
+    run.session = session
+    return run
+
+
+# --------------------------------------------------------------------------- OpenVINO
+
+
+class OpenVINO:
+    name = "openvino"
+    format = "openvino.compiled_model"
+    device = "CPU"
+
+    @functools.cached_property
+    def core(self):
+        import openvino as ov
+
+        return ov.Core()
+
+    def version(self) -> str | None:
+        try:
+            import openvino as ov
+        except ImportError:
+            return None
+        return ov.get_version()
+
+    # OpenVINO 2026.4 fuses RotaryEmbedding into an internal op that import_model restores wrong
+    # (garbage outputs after export/import, right ones straight from compile_model): kept out.
+    unsupported = frozenset({"RotaryEmbedding"})
+    # Without the hint, OpenVINO picks bf16 matmuls on CPUs with AMX/avx512_bf16 (errors ~1e-3);
+    # the hint is not stored in the exported blob, so it is recorded and passed again at import.
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+
+    def supports(self, node: onnx.NodeProto) -> bool:
+        # OpenVINO's ONNX frontend: standard ops only
+        return node.domain in ("", "ai.onnx") and node.op_type not in self.unsupported
+
+    def compile(self, sub: onnx.ModelProto) -> tuple[bytes, dict]:
+        refused = sorted({n.op_type for n in sub.graph.node if not self.supports(n)})
+        if refused:
+            raise ContextError(f"OpenVINO blobs are not made for scopes with {', '.join(refused)}")
+        compiled = self.compile_from_graph(sub)
+        stream = io.BytesIO()
+        compiled.export_model(stream)
+        return stream.getvalue(), dict(format=self.format, hardware=cpu_hardware(),
+                                       options={"device": self.device, "config": dict(self.config)})
+
+    def load(self, payload: bytes, blob: Blob, inputs: list[str], outputs: list[str], **_):
+        compiled = self.core.import_model(payload, blob.options.get("device", self.device),
+                                          blob.options.get("config", {}))
+        ports = {}
+        for port in compiled.outputs:
+            for name in port.get_names():
+                ports[name] = port
+        missing = [o for o in outputs if o not in ports]
+        if missing:
+            raise ContextError(f"the OpenVINO blob has no outputs {missing}")
+        request = compiled.create_infer_request()
+
+        def run(feeds):
+            result = request.infer({k: np.ascontiguousarray(v) for k, v in feeds.items()})
+            return {o: np.array(result[ports[o]], copy=True) for o in outputs}
+
+        run.compiled = compiled
+        return run
+
+    def compile_from_graph(self, sub: onnx.ModelProto):
+        """What a load without the blob pays (for measurements)."""
+        return self.core.compile_model(self.core.read_model(sub.SerializeToString(), b""), self.device, self.config)
+
+
+# --------------------------------------------------------------------------- onnxruntime
+
+
+def _library_sha256() -> str | None:
+    from .. import kernels
+
+    path = kernels.library_path()
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+
+
+class OnnxRuntime:
+    name = "onnxruntime"
+    format = "ort"
+
+    def version(self) -> str | None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        return ort.__version__
+
+    def supports(self, node: onnx.NodeProto) -> bool:
+        return True
+
+    def compile(self, sub: onnx.ModelProto) -> tuple[bytes, dict]:
+        import onnxruntime as ort
+
+        options = {}
+        if has_onnxgen_ops(sub):
+            library = _library_sha256()
+            if library is None:
+                raise ContextError("the scope has onnxgen ops and this onnxgen has no kernel library")
+            options["kernels_sha256"] = library
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "scope.ort")
+            ort_session(sub, optimized_path=path, ort_format=True, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+            payload = Path(path).read_bytes()
+        return payload, dict(format=self.format, hardware=cpu_hardware(), options=options)
+
+    def load(self, payload: bytes, blob: Blob, inputs: list[str], outputs: list[str], **_):
+        needs = blob.options.get("kernels_sha256")
+        if needs and needs != _library_sha256():
+            raise ContextError("the blob was optimised with another build of onnxgen's kernel library")
+        return ort_runner(ort_session(payload, library="default" if needs else None))
+
+
+# --------------------------------------------------------------------------- onnxgen's kernels
+
+
+class OnnxgenKernels:
+    name = "onnxgen-kernels"
+    format = "onnxgen.kernels.library"
+
+    def version(self) -> str | None:
+        import onnxruntime as ort
+
+        from .. import __version__
+
+        return f"onnxgen {__version__}; onnxruntime {ort.__version__}"
+
+    def supports(self, node: onnx.NodeProto) -> bool:
+        return node.domain == DOMAIN
+
+    def compile(self, sub: onnx.ModelProto) -> tuple[bytes, dict]:
+        from .. import kernels
+
+        if not has_onnxgen_ops(sub):
+            raise ContextError("the scope has no onnxgen ops: the kernel library would not run any of it")
+        path = kernels.library_path()
+        if path is None:
+            raise ContextError("this onnxgen has no built kernel library to ship")
+        return Path(path).read_bytes(), dict(format=self.format, hardware=cpu_hardware(), native_code=True,
+                                             options={"library": Path(path).name})
+
+    def load(self, payload: bytes, blob: Blob, inputs: list[str], outputs: list[str], *,
+             sub: onnx.ModelProto, allow_native_code: bool = False, **_):
+        if not allow_native_code:
+            raise ContextError("the blob is a shared library (native code): pass allow_native_code=True to use it")
+        if not blob.native_code:
+            raise ContextError("a kernel-library blob must be marked native_code")
+        folder = Path(tempfile.mkdtemp(prefix="onnxgen-context-"))  # 0700, ours alone
+        path = folder / "kernels.so"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o500)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        if hashlib.sha256(path.read_bytes()).hexdigest() != blob.sha256:
+            raise ContextError("the written library does not match its sha256")
+        run = ort_runner(ort_session(sub, library=str(path)))
+        run.library = str(path)
+        return run
+
+
+BACKENDS = {b.name: b for b in (OpenVINO(), OnnxRuntime(), OnnxgenKernels())}
+
+
+def backend_problem(blob: Blob) -> str | None:
+    """Why this machine's software cannot use ``blob`` (None when it can)."""
+    backend = BACKENDS.get(blob.backend)
+    if backend is None:
+        return f"unknown backend {blob.backend!r}"
+    version = backend.version()
+    if version is None:
+        return f"{blob.backend} is not installed"
+    if version != blob.backend_version:
+        return f"made by {blob.backend} {blob.backend_version}, this machine has {version}"
+    return None

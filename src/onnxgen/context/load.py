@@ -1,0 +1,170 @@
+"""``load(model_path, backends=...)``: run a model with its blobs where they are valid, its
+original nodes everywhere else.
+
+The plan: the manifest is read and validated (an invalid one is refused with a ContextWarning
+saying why, and the whole original graph runs); each scope whose nodes still hash to the
+manifest's hash gets the first of its blobs that is for a requested backend, installed at the
+same version, on hardware that meets its requirements, confined to the model's folder, of the
+declared size and sha256, and that loads.  Each scope with a blob is one step; all other nodes
+(scopes without a usable blob included) are grouped into as few onnxruntime steps as the
+dependencies allow, on onnxgen's kernels.  A blob that fails when it runs is replaced by its
+scope's original nodes for that run and every later one, with a warning.  Nothing falls back
+silently: every skipped blob is a ContextWarning and a line of ``Session.plan``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .backends import BACKENDS, backend_problem, ort_runner, ort_session
+from .format import (MAX_BLOB_BYTES, ContextError, ContextWarning, hardware_problem, load_model, read_manifest,
+                     read_payload, scope_nodes, scope_problem)
+from .partition import Step, plan_steps, submodel, value_types
+
+
+@dataclass
+class Choice:
+    """What runs a scope, and why the other candidates were not used."""
+
+    scope: str
+    runner: str  # a backend name, or "original" (the scope's own nodes on onnxruntime)
+    skipped: list[str] = field(default_factory=list)
+    load_seconds: float = 0.0
+
+
+class Session:
+    """A planned model: ``run(output_names, feeds)`` like onnxruntime's InferenceSession."""
+
+    def __init__(self, model, base_dir: Path, steps: list[Step], choices: dict[str, Choice], types, threads):
+        self.model = model
+        self.base_dir = base_dir
+        self.steps = steps
+        self.choices = choices
+        self._types = types
+        self._threads = threads
+        self.output_names = [o.name for o in model.graph.output]
+        self.input_names = [i.name for i in model.graph.input
+                            if i.name not in {t.name for t in model.graph.initializer}]
+
+    @property
+    def plan(self) -> list[str]:
+        lines = []
+        for step in self.steps:
+            if step.scope is not None:
+                c = self.choices[step.scope]
+                lines.append(f"scope {step.scope}: {c.runner} ({len(step.nodes)} nodes)")
+            else:
+                lines.append(f"onnxruntime: {len(step.nodes)} original nodes"
+                             + (f" (scopes {', '.join(sorted(set(step.label.split(','))))})" if step.label else ""))
+        return lines
+
+    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        values = dict(feeds)
+        for step in self.steps:
+            step_feeds = {name: values[name] for name in step.inputs}
+            try:
+                results = step.runner(step_feeds)
+            except Exception as error:  # noqa: BLE001 - a blob may fail in any way: fall back, loudly
+                if step.scope is None:
+                    raise
+                warnings.warn(f"scope {step.scope!r}: the {self.choices[step.scope].runner} blob failed to run "
+                              f"({type(error).__name__}: {error}); running its original nodes from now on",
+                              ContextWarning, stacklevel=2)
+                self.choices[step.scope].skipped.append(f"{self.choices[step.scope].runner}: failed to run: {error}")
+                self.choices[step.scope].runner = "original"
+                step.runner = _original_runner(self.model, step, self._types, self.base_dir, self._threads)
+                results = step.runner(step_feeds)
+            values.update(results)
+            for name in step.frees:
+                if name not in feeds:
+                    values.pop(name, None)
+        return [values[name] for name in (output_names or self.output_names)]
+
+
+def _original_runner(model, step: Step, types, base_dir, threads):
+    sub = submodel(model, step.nodes, step.inputs, step.outputs, types, base_dir)
+    return ort_runner(ort_session(sub, threads=threads))
+
+
+def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *, allow_native_code: bool = False,
+         strict: bool = False, max_blob_bytes: int = MAX_BLOB_BYTES, threads: int | None = None) -> Session:
+    """Plan and prepare ``model_path``'s run (see the module docstring).
+
+    ``backends``: the backends whose blobs may be used, in order of preference (default: every
+    known backend); ``allow_native_code``: let blobs that are shared libraries be loaded;
+    ``strict``: raise ContextError instead of falling back when the manifest or a scope is invalid.
+    """
+    model_path = Path(model_path)
+    base_dir = model_path.parent
+    model = load_model(model_path)
+    wanted = list(BACKENDS) if backends is None else list(backends)
+    unknown = [b for b in wanted if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backends {unknown} (known: {', '.join(BACKENDS)})")
+
+    def refuse(message):
+        if strict:
+            raise ContextError(message)
+        warnings.warn(message, ContextWarning, stacklevel=3)
+
+    try:
+        manifest = read_manifest(model)
+    except ContextError as error:
+        refuse(f"{model_path}: backend context refused ({error}); running the original graph")
+        manifest = None
+    groups = scope_nodes(model) if manifest else {}
+    types = value_types(model)
+    choices: dict[str, Choice] = {}
+    runners = {}
+    for name, scope in (manifest.scopes.items() if manifest else ()):
+        choice = choices[name] = Choice(name, "original")
+        problem = scope_problem(model, name, scope, groups.get(name, []), base_dir)
+        if problem:
+            refuse(f"scope {name!r}: {problem}; running its original nodes")
+            choice.skipped.append(problem)
+            continue
+        blobs = sorted((b for b in scope.blobs if b.backend in wanted), key=lambda b: wanted.index(b.backend))
+        for blob in blobs:
+            reason = backend_problem(blob) or hardware_problem(blob.hardware)
+            if reason is None and blob.native_code and not allow_native_code:
+                reason = "the blob is native code (a shared library) and allow_native_code is False"
+            start = time.perf_counter()
+            if reason is None:
+                try:
+                    payload = read_payload(blob, base_dir, max_bytes=max_blob_bytes)
+                    sub = None
+                    if blob.backend == "onnxgen-kernels":
+                        sub = submodel(model, groups[name], scope.inputs, scope.outputs, types, base_dir)
+                    runners[name] = BACKENDS[blob.backend].load(payload, blob, scope.inputs, scope.outputs,
+                                                                sub=sub, allow_native_code=allow_native_code)
+                    choice.runner = blob.backend
+                    choice.load_seconds = time.perf_counter() - start
+                    break
+                except Exception as error:  # noqa: BLE001 - any failure of a blob means: the next one
+                    reason = f"{type(error).__name__}: {error}"
+            choice.skipped.append(f"{blob.backend}: {reason}")
+            warnings.warn(f"scope {name!r}: {blob.backend} blob not used ({reason})", ContextWarning, stacklevel=2)
+        if choice.runner == "original" and not blobs:
+            choice.skipped.append("no blob for the requested backends")
+    isolated = {name: groups[name] for name in runners}
+    steps = plan_steps(model, isolated)
+    for step in steps:
+        if step.scope is not None:
+            step.runner = runners[step.scope]
+        else:
+            step.label = ",".join(sorted({s for n in step.nodes for s in [_scope(n)] if s}))
+            step.runner = _original_runner(model, step, types, base_dir, threads)
+    return Session(model, base_dir, steps, choices, types, threads)
+
+
+def _scope(node) -> str | None:
+    from .format import scope_of
+
+    return scope_of(node)
