@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("model", help="input .onnx file")
     exp.add_argument("output", help="output .onnx file")
     exp.set_defaults(run=_expand)
+
+    from .context.cli import add_parser as add_context_parser
+
+    add_context_parser(commands)
     return parser
 
 
