@@ -20,8 +20,17 @@ $(VENV)/.dev: pyproject.toml $(VENV)/.runtime
 	ONNXGEN_REQUIRE_KERNELS=1 $(PIP) -e ".[test]"
 	touch $@
 
+# The playground's browser test drives Debian's chromium with Playwright (never `playwright install`:
+# its own browser builds cannot be downloaded here). apt-get update only when the install needs it.
+APT := $(if $(filter 0,$(shell id -u)),,sudo) env DEBIAN_FRONTEND=noninteractive apt-get
+$(VENV)/.browser: pyproject.toml $(VENV)/.dev
+	test -x /usr/bin/chromium || $(APT) install -y --no-install-recommends chromium \
+	  || { $(APT) update && $(APT) install -y --no-install-recommends chromium; }
+	$(PIP) "playwright>=1.40"
+	touch $@
+
 install: $(VENV)/.runtime
-install-dev: $(VENV)/.dev
+install-dev: $(VENV)/.dev $(VENV)/.browser
 
 # The main job: the serving engine generates text with the embedded default model (a random-weight
 # Mixtral-style MoE with Mistral's tokenizer, built once into ~/.cache/onnxgen), then serves a workload.
@@ -32,7 +41,7 @@ run: $(VENV)/.runtime
 demo: $(VENV)/.runtime
 	$(VENV)/bin/onnxgen demo
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(VENV)/.browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -n 2 -q
 
 # The kernel tests once more against a build of the library with AddressSanitizer.
