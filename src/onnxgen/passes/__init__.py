@@ -1,5 +1,6 @@
 """ONNX to ONNX rewrites."""
 
 from .expand import expand
+from .paged import paged
 
-__all__ = ["expand"]
+__all__ = ["expand", "paged"]
