@@ -33,7 +33,7 @@ install: $(VENV)/.runtime
 install-dev: $(VENV)/.dev $(VENV)/.browser
 
 # The main job: the serving engine generates text with the embedded default model (a random-weight
-# Mixtral-style MoE with Mistral's tokenizer, built once into ~/.cache/onnxgen), then serves a workload.
+# Mixtral-style MoE with Mistral's tokenizer, built once into ~/.cache/onnxgen) and streams the text.
 PROMPT ?= Once upon a time
 run: $(VENV)/.runtime
 	$(VENV)/bin/onnxgen generate "$(PROMPT)" --max-new-tokens 48 --temperature 0.8 --seed 1
