@@ -130,6 +130,11 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
             refuse(f"scope {name!r}: {problem}; running its original nodes")
             choice.skipped.append(problem)
             continue
+        for blob in scope.blobs:
+            if blob.backend not in BACKENDS:
+                choice.skipped.append(f"{blob.backend}: unknown backend")
+                warnings.warn(f"scope {name!r}: blob of unknown backend {blob.backend!r} ignored", ContextWarning,
+                              stacklevel=2)
         blobs = sorted((b for b in scope.blobs if b.backend in wanted), key=lambda b: wanted.index(b.backend))
         for blob in blobs:
             reason = backend_problem(blob) or hardware_problem(blob.hardware)
