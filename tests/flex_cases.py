@@ -3,9 +3,10 @@
 Every builder of ``onnxgen.ops.score_mods`` has its PyTorch ``score_mod`` twin here, written
 from the builder's documented formula (not from its graph).  ``torch_paged`` gathers each
 sequence's logical keys/values from the paged cache (through the block table, as
-``paged_cases.oracle`` does) and runs ``torch.nn.attention.flex_attention.flex_attention``
-(eager, CPU) with the mod shifted to absolute positions (``q_pos = past + row``) and the
-PagedAttention attributes' causal/window masks added.
+``paged_cases.oracle`` does), pads them into one batch and runs
+``torch.nn.attention.flex_attention.flex_attention`` (eager, CPU) with the mod shifted to
+absolute positions (``q_pos = past + row``) and the PagedAttention attributes' causal/window
+masks added.
 """
 
 from __future__ import annotations
@@ -113,35 +114,47 @@ def t_compose(*mods):
 
 def torch_paged(inputs, torch_mod, *, num_heads, kv_num_heads, scale=0.0, is_causal=1, local_window_size=-1,
                 **_):
-    """flex_attention per sequence of a PagedAttention batch -> output [num_tokens, Hq * Dv]."""
+    """flex_attention over a PagedAttention batch -> output [num_tokens, Hq * Dv].
+
+    One call for the whole batch: queries padded to the longest new part, keys/values to the
+    longest sequence; padding keys are masked, padding rows dropped, and positions are clamped
+    into each sequence (as a table the mod reads only covers real positions)."""
     f32 = {k: (v.astype(np.float32) if v is not None and v.dtype != np.int32 else v) for k, v in inputs.items()}
     cu, past, table = inputs["cumulative_sequence_length"], inputs["past_seqlens"], inputs["block_table"]
     block_size, d, dv = inputs["key_cache"].shape[1], inputs["key_cache"].shape[3], inputs["value_cache"].shape[3]
     scale = scale or 1 / np.sqrt(d)
-    outputs = []
-    for b in range(len(past)):
-        n, p = int(cu[b + 1] - cu[b]), int(past[b])
+    new = np.diff(cu)
+    totals = past + new
+    batch, m, length = len(past), int(new.max()), int(totals.max())
+    q = np.zeros((batch, m, num_heads, d), np.float32)
+    k = np.zeros((batch, length, kv_num_heads, d), np.float32)
+    v = np.zeros((batch, length, kv_num_heads, dv), np.float32)
+    for b in range(batch):
+        n, p = int(new[b]), int(past[b])
         pos = np.arange(p)
         where = (table[b, pos // block_size], pos % block_size)
-        k = np.concatenate([f32["key_cache"][where], f32["key"][cu[b]:cu[b + 1]].reshape(n, kv_num_heads, d)])
-        v = np.concatenate([f32["value_cache"][where], f32["value"][cu[b]:cu[b + 1]].reshape(n, kv_num_heads, dv)])
-        q = f32["query"][cu[b]:cu[b + 1]].reshape(n, num_heads, d)
-        heads_first = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2)[None]))  # noqa: E731
+        k[b, :p + n] = np.concatenate([f32["key_cache"][where], f32["key"][cu[b]:cu[b + 1]].reshape(n, kv_num_heads, d)])
+        v[b, :p + n] = np.concatenate([f32["value_cache"][where],
+                                       f32["value"][cu[b]:cu[b + 1]].reshape(n, kv_num_heads, dv)])
+        q[b, :n] = f32["query"][cu[b]:cu[b + 1]].reshape(n, num_heads, d)
+    past_t, last_t = torch.from_numpy(past.astype(np.int64)), torch.from_numpy(totals.astype(np.int64) - 1)
 
-        def mod(s, _b, h, q_idx, kv, b=b, p=p):
-            q_pos = q_idx + p
-            s = torch_mod(s, torch.full_like(_b, b), h, q_pos, kv) if torch_mod else s
-            keep = torch.ones_like(kv, dtype=torch.bool)
-            if is_causal:
-                keep = keep & (kv <= q_pos)
-            if local_window_size >= 0:
-                keep = keep & (kv >= q_pos - local_window_size)
-            return torch.where(keep, s, -INF)
+    def mod(s, b, h, q_idx, kv):
+        q_pos = torch.minimum(q_idx + past_t[b], last_t[b])
+        kv_c = torch.minimum(kv, last_t[b])
+        s = torch_mod(s, b, h, q_pos, kv_c) if torch_mod else s
+        keep = kv <= last_t[b]
+        if is_causal:
+            keep = keep & (kv <= q_pos)
+        if local_window_size >= 0:
+            keep = keep & (kv >= q_pos - local_window_size)
+        return torch.where(keep, s, -INF)
 
-        y = _flex(heads_first(q), heads_first(k), heads_first(v), score_mod=mod, scale=float(scale),
-                  enable_gqa=num_heads != kv_num_heads)
-        outputs.append(y[0].numpy().transpose(1, 0, 2).reshape(n, num_heads * dv))
-    return np.concatenate(outputs)
+    heads_first = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 2, 1, 3)))  # noqa: E731
+    y = _flex(heads_first(q), heads_first(k), heads_first(v), score_mod=mod, scale=float(scale),
+              enable_gqa=num_heads != kv_num_heads)
+    y = y.numpy().transpose(0, 2, 1, 3)  # [B, M, Hq, Dv]
+    return np.concatenate([y[b, :new[b]].reshape(new[b], num_heads * dv) for b in range(batch)])
 
 
 def torch_flex(q, k, v, torch_mod, scale=None):

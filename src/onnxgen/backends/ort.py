@@ -4,7 +4,8 @@
 keeps each paged cache in one buffer bound (IOBinding) as both the cache input and its updated
 output, so a step writes its new keys/values in place and copies nothing.  Nodes the kernels
 cannot run (a graph attribute, ``ai.onnx.preview.FlexAttention``) are expanded into standard
-ops first; without the library the whole model is expanded, with a warning.
+ops first, except PagedAttention's ``score_mod``, compiled to a bytecode the kernel interprets
+(``passes.compile_score_mod``); without the library the whole model is expanded, with a warning.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import onnxruntime as ort
 from .. import kernels
 from ..ops.domain import DOMAIN
 from ..passes import expand
+from ..passes.compile_score_mod import compile_score_mods
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -69,12 +71,14 @@ class Session:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if library:
             options.register_custom_ops_library(library)
-            runnable = expand(model, only=_needs_expansion)
+            # score_mod graphs become bytecode the kernel reads; those it cannot compile (a
+            # warning names the op) keep their graph and are expanded below.
+            runnable = expand(compile_score_mods(model), only=_needs_expansion)
         else:
             if use_kernels:
                 warnings.warn("onnxgen's kernel library is not built: running the expanded model (slow; "
                               "reinstall onnxgen where the onnxruntime headers can be fetched)", stacklevel=3)
-            runnable = expand(model)
+            runnable = expand(compile_score_mods(model, to_bytecode=False))  # checks the score_mods
         self.uses_kernels = bool(library)
         self.session = ort.InferenceSession(runnable.SerializeToString(), options, providers=["CPUExecutionProvider"])
         self.pairs = cache_pairs(model)

@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "ops.h"
+#include "score_program.h"
 
 namespace onnxgen {
 namespace {
@@ -22,6 +23,7 @@ constexpr int64_t kQueryTile = 16;
 struct Attributes {
   int64_t num_heads, kv_num_heads, is_causal, local_window_size;
   float scale, softcap;
+  ScoreProgram score_mod;  // compiled by onnxgen.passes.compile_score_mod; empty when absent
 };
 
 // Sizes and pointers of one call, checked against each other.
@@ -187,6 +189,7 @@ class Attention {
     std::vector<float> q_split(split ? q.size() : 0);
     for (int64_t v = 0; split && v < rows * H; ++v) split_even_odd(&q[size_t(v * D)], &q_split[size_t(v * D)], D);
     State state{state_buffer, Dv};
+    ScoreProgram::Scratch scratch = a_.score_mod.empty() ? ScoreProgram::Scratch{} : a_.score_mod.scratch(p_.block_size);
     for (int64_t i = 0; i < rows * H; ++i) state.max(i) = kNegInf, state.sum(i) = 0.f, std::fill_n(state.acc(i), Dv, 0.f);
 
     const int64_t bs = p_.block_size;
@@ -267,9 +270,13 @@ class Attention {
         int64_t lo = seg.first_position, hi = seg.first_position + n;  // visible kv positions [lo, hi)
         if (a_.is_causal) hi = std::min(hi, q_pos + 1);
         if (a_.local_window_size >= 0) lo = std::max(lo, q_pos - a_.local_window_size);
-        for (int64_t head = 0; head < H; ++head)
-          any |= softmax_step(&scores[size_t((r * H + head) * bs)], n, lo - seg.first_position,
-                              hi - seg.first_position, state, r * H + head);
+        for (int64_t head = 0; head < H; ++head) {
+          float* s = &scores[size_t((r * H + head) * bs)];
+          any |= softmax_step(s, n, lo - seg.first_position, hi - seg.first_position, state, r * H + head,
+                              [&](float* visible, int64_t count, int64_t first) {
+                                a_.score_mod.run(visible, count, item.seq, head, q_pos, seg.first_position + first, scratch);
+                              });
+        }
       }
       if (!any) continue;
       if (has_avx512()) {  // values accumulate in registers, two queries at a time
@@ -308,7 +315,10 @@ class Attention {
 
   // Softcap and mask one row of scores (visible tokens [lo, hi)), fold it into the running
   // softmax of state i, and leave the (unnormalised) probabilities in `s`.  False if none visible.
-  bool softmax_step(float* s, int64_t n, int64_t lo, int64_t hi, State& state, int64_t i) const {
+  // The score_mod program (when there is one) runs on the visible scores, after the soft cap;
+  // a row it masks completely (-inf) counts as invisible.
+  template <typename ScoreMod>
+  bool softmax_step(float* s, int64_t n, int64_t lo, int64_t hi, State& state, int64_t i, ScoreMod&& score_mod) const {
     lo = std::max<int64_t>(lo, 0), hi = std::min(hi, n);
     if (lo >= hi) {
       std::fill_n(s, n, 0.f);
@@ -316,8 +326,13 @@ class Attention {
     }
     if (a_.softcap > 0.f)
       for (int64_t t = lo; t < hi; ++t) s[t] = a_.softcap * std::tanh(s[t] * scale_ / a_.softcap);
+    if (!a_.score_mod.empty()) score_mod(s + lo, hi - lo, lo);
     float m = state.max(i);
     for (int64_t t = lo; t < hi; ++t) m = std::max(m, s[t]);
+    if (m == kNegInf) {  // everything so far masked by score_mod
+      std::fill_n(s, n, 0.f);
+      return false;
+    }
     const float old_max = state.max(i);
     if (m > old_max && old_max != kNegInf) {
       const float factor = std::exp(old_max - m);
@@ -327,11 +342,13 @@ class Attention {
     state.max(i) = m;
     std::fill_n(s, lo, 0.f);
     std::fill(s + hi, s + n, 0.f);
-    const __m256 vm = _mm256_set1_ps(m);
+    const __m256 vm = _mm256_set1_ps(m), neg_inf = _mm256_set1_ps(kNegInf);
     __m256 total = _mm256_setzero_ps();
     int64_t t = lo;
     for (; t + 8 <= hi; t += 8) {
-      __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + t), vm));
+      const __m256 x = _mm256_loadu_ps(s + t);
+      // exp256 flushes at -87 to ~1e-38, not 0: keys masked to -inf by score_mod weigh exactly 0.
+      __m256 e = _mm256_and_ps(exp256(_mm256_sub_ps(x, vm)), _mm256_cmp_ps(x, neg_inf, _CMP_NEQ_OQ));
       _mm256_storeu_ps(s + t, e);
       total = _mm256_add_ps(total, e);
     }
@@ -373,6 +390,18 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
     a.softcap = attribute_or<float>(info, "softcap", 0.f);
     a.is_causal = attribute_or<int64_t>(info, "is_causal", 1);
     a.local_window_size = attribute_or<int64_t>(info, "local_window_size", -1);
+    Ort::ConstKernelInfo ki(info);
+    std::vector<int64_t> program;
+    std::vector<float> constants;
+    try {
+      program = ki.GetAttributes<int64_t>("score_program");
+    } catch (const Ort::Exception&) {
+    }
+    try {
+      constants = ki.GetAttributes<float>("score_constants");
+    } catch (const Ort::Exception&) {
+    }
+    a.score_mod = ScoreProgram(program, std::move(constants), kOp);
   }
 
   void Compute(Ort::KernelContext& ctx) {

@@ -1,0 +1,247 @@
+// A compiled score_mod: the bytecode of onnxgen.passes.compile_score_mod, interpreted over the
+// vector of kv positions of one cache block.
+//
+// Program: [MAGIC, VERSION, num_registers, num_instructions], then per instruction
+// (opcode, dst, a, b, c), then the integer tables; the float tables come in a second attribute.
+// Registers 0-4 are the inputs score (float), batch, head, q_pos (integers, uniform) and kv_pos
+// (integer).  A register is float or integer (int64; booleans 0/1) as its opcode says; it is
+// "uniform" (one value, broadcast) when every register it reads is.  Each instruction is one
+// tight loop over the block, with its operands' strides 0 (uniform) or 1.
+#pragma once
+
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace onnxgen {
+
+enum ScoreOp : int64_t {
+  CONST_F, CONST_I, COPY_F, COPY_I,
+  ADD_F, SUB_F, MUL_F, DIV_F, MIN_F, MAX_F, POW_F,
+  ADD_I, SUB_I, MUL_I, DIV_I, MIN_I, MAX_I,
+  NEG_F, ABS_F, TANH_F, EXP_F, LOG_F, SQRT_F, FLOOR_F, CEIL_F, RECIP_F, SIGMOID_F, RELU_F,
+  NEG_I, ABS_I,
+  LT_F, LE_F, GT_F, GE_F, EQ_F, LT_I, LE_I, GT_I, GE_I, EQ_I,
+  AND, OR, XOR, NOT,
+  WHERE_F, WHERE_I,
+  F2I, I2F, I2B, F2B,
+  GATHER_F, GATHER_I,
+  NUM_SCORE_OPS
+};
+
+class ScoreProgram {
+ public:
+  static constexpr int64_t kMagic = 0x53434F52, kVersion = 1, kInputs = 5;
+
+  ScoreProgram() = default;
+
+  // Parse and check the attributes; an empty `code` means no program.
+  ScoreProgram(const std::vector<int64_t>& code, std::vector<float> tables, const char* op) : ftables_(std::move(tables)) {
+    if (code.empty()) return;
+    auto bad = [&](auto... what) { fail(op, "score_program: ", what...); };
+    if (code.size() < 4 || code[0] != kMagic || code[1] != kVersion) bad("not a version-1 program (recompile the model)");
+    regs_ = code[2];
+    const int64_t count = code[3];
+    if (regs_ < kInputs || count < 1 || int64_t(code.size()) < 4 + 5 * count || regs_ > 4096)
+      bad("bad header (", regs_, " registers, ", count, " instructions)");
+    itables_.assign(code.begin() + 4 + 5 * count, code.end());
+    is_float_.assign(size_t(regs_), false), uniform_.assign(size_t(regs_), false);
+    is_float_[0] = true, uniform_[1] = uniform_[2] = uniform_[3] = true;
+    std::vector<bool> written(size_t(regs_), false);
+    for (int i = 0; i < kInputs; ++i) written[size_t(i)] = true;
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t* r = &code[size_t(4 + 5 * i)];
+      Instr in{r[0], r[1], r[2], r[3], r[4]};
+      if (in.op < 0 || in.op >= NUM_SCORE_OPS) bad("unknown opcode ", in.op);
+      if (in.dst < kInputs || in.dst >= regs_ || written[size_t(in.dst)]) bad("instruction ", i, " writes register ", in.dst);
+      const int arity = operands(in.op);
+      const int64_t ops[3] = {in.a, in.b, in.c};
+      bool uniform = true;
+      for (int k = 0; k < arity; ++k) {
+        if (ops[k] < 0 || ops[k] >= regs_ || !written[size_t(ops[k])]) bad("instruction ", i, " reads register ", ops[k]);
+        uniform = uniform && uniform_[size_t(ops[k])];
+        if (is_float_[size_t(ops[k])] != operand_is_float(in.op, k))
+          bad("instruction ", i, " (opcode ", in.op, ") reads register ", ops[k], " of the wrong type");
+      }
+      if (in.op == GATHER_F || in.op == GATHER_I) {
+        const int64_t size = in.op == GATHER_F ? int64_t(ftables_.size()) : int64_t(itables_.size());
+        if (in.b < 0 || in.c <= 0 || in.b + in.c > size) bad("instruction ", i, " reads a table outside its bounds");
+      }
+      written[size_t(in.dst)] = true;
+      uniform_[size_t(in.dst)] = uniform;
+      is_float_[size_t(in.dst)] = result_is_float(in.op);
+      code_.push_back(in);
+    }
+    if (!is_float_[size_t(code_.back().dst)]) bad("the last instruction must compute the float score");
+  }
+
+  bool empty() const { return code_.empty(); }
+
+  // Per-thread registers for vectors of up to `width` kv positions.
+  struct Scratch {
+    std::vector<float> f;
+    std::vector<int64_t> i;
+    int64_t width = 0;
+  };
+  Scratch scratch(int64_t width) const {
+    return Scratch{std::vector<float>(size_t(regs_ * width)), std::vector<int64_t>(size_t(regs_ * width)), width};
+  }
+
+  // s[0..n) <- score_mod(s[t], batch, head, q_pos, kv0 + t).
+  void run(float* s, int64_t n, int64_t batch, int64_t head, int64_t q_pos, int64_t kv0, Scratch& m) const {
+    if (n <= 0) return;
+    const int64_t W = m.width;
+    auto F = [&](int64_t r) { return &m.f[size_t(r * W)]; };
+    auto I = [&](int64_t r) { return &m.i[size_t(r * W)]; };
+    auto st = [&](int64_t r) { return uniform_[size_t(r)] ? int64_t(0) : int64_t(1); };
+    std::memcpy(F(0), s, size_t(n) * sizeof(float));
+    I(1)[0] = batch, I(2)[0] = head, I(3)[0] = q_pos;
+    for (int64_t t = 0; t < n; ++t) I(4)[t] = kv0 + t;
+    for (const Instr& in : code_) {
+      const int64_t len = uniform_[size_t(in.dst)] ? 1 : n;
+      const int64_t sa = in.op == CONST_F || in.op == CONST_I ? 0 : st(in.a);
+      const int64_t sb = operands(in.op) > 1 ? st(in.b) : 0, sc = operands(in.op) > 2 ? st(in.c) : 0;
+      float* fo = F(in.dst);
+      int64_t* io = I(in.dst);
+      switch (in.op) {
+        case CONST_F: { float v; const int32_t bits = int32_t(in.a); std::memcpy(&v, &bits, 4); fo[0] = v; break; }
+        case CONST_I: io[0] = in.a; break;
+        case COPY_F: unary(F(in.a), sa, fo, len, [](float x) { return x; }); break;
+        case COPY_I: unary(I(in.a), sa, io, len, [](int64_t x) { return x; }); break;
+        case ADD_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return x + y; }); break;
+        case SUB_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return x - y; }); break;
+        case MUL_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return x * y; }); break;
+        case DIV_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return x / y; }); break;
+        case MIN_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return std::isnan(x) || std::isnan(y) ? NAN : std::min(x, y); }); break;
+        case MAX_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return std::isnan(x) || std::isnan(y) ? NAN : std::max(x, y); }); break;
+        case POW_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return std::pow(x, y); }); break;
+        case ADD_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x + y; }); break;
+        case SUB_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x - y; }); break;
+        case MUL_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x * y; }); break;
+        case DIV_I: {
+          const int64_t* d = I(in.b);
+          for (int64_t t = 0; t < len; ++t)
+            if (d[t * sb] == 0) fail("PagedAttention", "score_mod: integer division by zero");
+          binary(I(in.a), sa, d, sb, io, len, [](int64_t x, int64_t y) { return x / y; });
+          break;
+        }
+        case MIN_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return std::min(x, y); }); break;
+        case MAX_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return std::max(x, y); }); break;
+        case NEG_F: unary(F(in.a), sa, fo, len, [](float x) { return -x; }); break;
+        case ABS_F: unary(F(in.a), sa, fo, len, [](float x) { return std::fabs(x); }); break;
+        case TANH_F: unary(F(in.a), sa, fo, len, [](float x) { return std::tanh(x); }); break;
+        case EXP_F: unary(F(in.a), sa, fo, len, [](float x) { return std::exp(x); }); break;
+        case LOG_F: unary(F(in.a), sa, fo, len, [](float x) { return std::log(x); }); break;
+        case SQRT_F: unary(F(in.a), sa, fo, len, [](float x) { return std::sqrt(x); }); break;
+        case FLOOR_F: unary(F(in.a), sa, fo, len, [](float x) { return std::floor(x); }); break;
+        case CEIL_F: unary(F(in.a), sa, fo, len, [](float x) { return std::ceil(x); }); break;
+        case RECIP_F: unary(F(in.a), sa, fo, len, [](float x) { return 1.f / x; }); break;
+        case SIGMOID_F: unary(F(in.a), sa, fo, len, [](float x) { return 1.f / (1.f + std::exp(-x)); }); break;
+        case RELU_F: unary(F(in.a), sa, fo, len, [](float x) { return x > 0.f ? x : (std::isnan(x) ? x : 0.f); }); break;
+        case NEG_I: unary(I(in.a), sa, io, len, [](int64_t x) { return -x; }); break;
+        case ABS_I: unary(I(in.a), sa, io, len, [](int64_t x) { return x < 0 ? -x : x; }); break;
+        case LT_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return int64_t(x < y); }); break;
+        case LE_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return int64_t(x <= y); }); break;
+        case GT_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return int64_t(x > y); }); break;
+        case GE_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return int64_t(x >= y); }); break;
+        case EQ_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return int64_t(x == y); }); break;
+        case LT_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return int64_t(x < y); }); break;
+        case LE_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return int64_t(x <= y); }); break;
+        case GT_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return int64_t(x > y); }); break;
+        case GE_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return int64_t(x >= y); }); break;
+        case EQ_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return int64_t(x == y); }); break;
+        case AND: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x & y; }); break;
+        case OR: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x | y; }); break;
+        case XOR: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x ^ y; }); break;
+        case NOT: unary(I(in.a), sa, io, len, [](int64_t x) { return x ^ 1; }); break;
+        case WHERE_F: {
+          const int64_t* c = I(in.a);
+          const float *x = F(in.b), *y = F(in.c);
+          for (int64_t t = 0; t < len; ++t) fo[t] = c[t * sa] ? x[t * sb] : y[t * sc];
+          break;
+        }
+        case WHERE_I: {
+          const int64_t *c = I(in.a), *x = I(in.b), *y = I(in.c);
+          for (int64_t t = 0; t < len; ++t) io[t] = c[t * sa] ? x[t * sb] : y[t * sc];
+          break;
+        }
+        case F2I: unary(F(in.a), sa, io, len, [](float x) { return std::isfinite(x) ? int64_t(x) : int64_t(0); }); break;
+        case I2F: unary(I(in.a), sa, fo, len, [](int64_t x) { return float(x); }); break;
+        case I2B: unary(I(in.a), sa, io, len, [](int64_t x) { return int64_t(x != 0); }); break;
+        case F2B: unary(F(in.a), sa, io, len, [](float x) { return int64_t(x != 0.f); }); break;
+        case GATHER_F: case GATHER_I: {
+          const int64_t* idx = I(in.a);
+          for (int64_t t = 0; t < len; ++t) {
+            int64_t k = idx[t * sa];
+            if (k < 0) k += in.c;
+            if (k < 0 || k >= in.c)
+              fail("PagedAttention", "score_mod: Gather index ", idx[t * sa], " is outside its table of ", in.c,
+                   " entries (batch ", batch, ", head ", head, ", q_pos ", q_pos, ", kv_pos ", kv0 + t * sa, ")");
+            if (in.op == GATHER_F) fo[t] = ftables_[size_t(in.b + k)];
+            else io[t] = itables_[size_t(in.b + k)];
+          }
+          break;
+        }
+        default: break;
+      }
+    }
+    const int64_t out = code_.back().dst;
+    const float* r = F(out);
+    if (uniform_[size_t(out)]) std::fill_n(s, n, r[0]);
+    else std::memcpy(s, r, size_t(n) * sizeof(float));
+  }
+
+ private:
+  struct Instr {
+    int64_t op, dst, a, b, c;
+  };
+
+  static int operands(int64_t op) {
+    switch (op) {
+      case CONST_F: case CONST_I: return 0;
+      case COPY_F: case COPY_I: case NOT: case F2I: case I2F: case I2B: case F2B: case GATHER_F: case GATHER_I: return 1;
+      case WHERE_F: case WHERE_I: return 3;
+      default: return op >= NEG_F && op <= ABS_I ? 1 : 2;
+    }
+  }
+  static bool operand_is_float(int64_t op, int k) {
+    switch (op) {
+      case COPY_F: case ADD_F: case SUB_F: case MUL_F: case DIV_F: case MIN_F: case MAX_F: case POW_F:
+      case LT_F: case LE_F: case GT_F: case GE_F: case EQ_F: case F2I: case F2B: return true;
+      case WHERE_F: return k > 0;
+      default: return op >= NEG_F && op <= RELU_F;
+    }
+  }
+  static bool result_is_float(int64_t op) {
+    switch (op) {
+      case CONST_F: case COPY_F: case ADD_F: case SUB_F: case MUL_F: case DIV_F: case MIN_F: case MAX_F: case POW_F:
+      case WHERE_F: case I2F: case GATHER_F: return true;
+      default: return op >= NEG_F && op <= RELU_F;
+    }
+  }
+
+  // out[t] = f(a[t * sa]) and out[t] = f(a[t * sa], b[t * sb]), with loops the compiler vectorises.
+  template <typename A, typename O, typename Fn>
+  static void unary(const A* a, int64_t sa, O* out, int64_t n, Fn f) {
+    if (sa) for (int64_t t = 0; t < n; ++t) out[t] = f(a[t]);
+    else { const O v = f(a[0]); for (int64_t t = 0; t < n; ++t) out[t] = v; }
+  }
+  template <typename A, typename O, typename Fn>
+  static void binary(const A* a, int64_t sa, const A* b, int64_t sb, O* out, int64_t n, Fn f) {
+    if (sa && sb) for (int64_t t = 0; t < n; ++t) out[t] = f(a[t], b[t]);
+    else if (sa) { const A y = b[0]; for (int64_t t = 0; t < n; ++t) out[t] = f(a[t], y); }
+    else if (sb) { const A x = a[0]; for (int64_t t = 0; t < n; ++t) out[t] = f(x, b[t]); }
+    else out[0] = f(a[0], b[0]);
+  }
+
+  std::vector<Instr> code_;
+  std::vector<float> ftables_;
+  std::vector<int64_t> itables_;
+  std::vector<bool> is_float_, uniform_;
+  int64_t regs_ = 0;
+};
+
+}  // namespace onnxgen
