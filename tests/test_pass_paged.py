@@ -112,3 +112,18 @@ def test_unsupported_graphs_are_clear_errors(exported):
             node.input[1] = node.input[0]
     with pytest.raises(PagedConversionError, match="the attention mask is not causal"):
         paged(bidirectional)
+
+
+def test_cli_convert(exported, tmp_path):
+    form, _, source = exported
+    if form != "attention23":
+        pytest.skip("one form is enough for the command")
+    from onnxgen.cli import main
+
+    onnx.save(source, tmp_path / "decoder.onnx")
+    assert main(["convert", str(tmp_path / "decoder.onnx"), str(tmp_path / "paged.onnx"), "--block-size", "8"]) == 0
+    model = onnx.load(tmp_path / "paged.onnx")
+    assert [i.name for i in model.graph.input][:6] == ["input_ids", "position_ids", "cumulative_sequence_length",
+                                                       "past_seqlens", "block_table", "slot_mapping"]
+    assert model.graph.input[6].type.tensor_type.shape.dim[1].dim_value == 8
+    assert main(["convert", str(tmp_path / "paged.onnx"), str(tmp_path / "again.onnx")]) == 2  # no past inputs

@@ -161,6 +161,41 @@ def _add_sampling_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore-eos", action="store_true", help="generate max-new-tokens whatever the model says")
 
 
+# `onnxgen convert`: a decoder exported elsewhere (torch.onnx, optimum) -> the paged signature.
+
+def _convert(args) -> int:
+    from pathlib import Path
+
+    import onnx
+
+    from .passes import fuse_moe, paged
+
+    model = onnx.load(args.model)
+    if not args.no_moe:
+        model = fuse_moe(model, require=False)
+    model = paged(model, block_size=args.block_size, all_logits=args.all_logits)
+    out = Path(args.output)
+    onnx.save_model(model, out, save_as_external_data=True, location=out.name + ".data", size_threshold=1024)
+    blocks = model.metadata_props
+    fused = next((p.value for p in blocks if p.key == "onnxgen.fused_moe_blocks"), "0")
+    print(f"wrote {out} (+ {out.name}.data): paged signature, {fused} MoE block(s) fused")
+    return 0
+
+
+def _add_convert_command(commands) -> None:
+    convert = commands.add_parser(
+        "convert", help="turn a decoder exported by torch.onnx or optimum into the paged signature",
+        description="Read an ONNX decoder with past_key_values.* inputs and present.* outputs (Attention-23/24 nodes "
+                    "or the MatMul-Softmax-MatMul pattern), fuse its torch-exported MoE blocks into onnxgen.preview.MoE "
+                    "and write it with the paged signature of docs/PagedSignature.md (see docs/Export.md).")
+    convert.add_argument("model", help="input .onnx file")
+    convert.add_argument("output", help="output .onnx file (weights in OUTPUT.data)")
+    convert.add_argument("--block-size", type=int, help="fix the caches' block size (default: symbolic)")
+    convert.add_argument("--all-logits", action="store_true", help="logits for every token, not only each sequence's last")
+    convert.add_argument("--no-moe", action="store_true", help="do not fuse MoE blocks")
+    convert.set_defaults(run=_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxgen",
@@ -249,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("model", help="input .onnx file")
     exp.add_argument("output", help="output .onnx file")
     exp.set_defaults(run=_expand)
+    _add_convert_command(commands)
 
     from .context.cli import add_parser as add_context_parser
 
