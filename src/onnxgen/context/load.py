@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from .backends import BACKENDS, backend_problem, ort_runner, ort_session
 from .format import (MAX_BLOB_BYTES, ContextError, ContextWarning, hardware_problem, load_model, read_manifest,
@@ -79,7 +80,7 @@ class Session:
                               ContextWarning, stacklevel=2)
                 self.choices[step.scope].skipped.append(f"{self.choices[step.scope].runner}: failed to run: {error}")
                 self.choices[step.scope].runner = "original"
-                step.runner = _original_runner(self.model, step, self._types, self.base_dir, self._threads)
+                step.runner = _original_runner(self.model, step, self._types(), self.base_dir, self._threads)
                 results = step.runner(step_feeds)
             values.update(results)
             for name in step.frees:
@@ -120,22 +121,31 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
         refuse(f"{model_path}: backend context refused ({error}); running the original graph")
         manifest = None
     groups = scope_nodes(model) if manifest else {}
-    types = value_types(model)
+    known_types = {}
+
+    def types():  # computed once, when a piece of the graph must be cut out
+        if not known_types:
+            known_types.update(value_types(model))
+        return known_types
+
     choices: dict[str, Choice] = {}
     runners = {}
     for name, scope in (manifest.scopes.items() if manifest else ()):
         choice = choices[name] = Choice(name, "original")
-        problem = scope_problem(model, name, scope, groups.get(name, []), base_dir)
-        if problem:
-            refuse(f"scope {name!r}: {problem}; running its original nodes")
-            choice.skipped.append(problem)
-            continue
         for blob in scope.blobs:
             if blob.backend not in BACKENDS:
                 choice.skipped.append(f"{blob.backend}: unknown backend")
                 warnings.warn(f"scope {name!r}: blob of unknown backend {blob.backend!r} ignored", ContextWarning,
                               stacklevel=2)
         blobs = sorted((b for b in scope.blobs if b.backend in wanted), key=lambda b: wanted.index(b.backend))
+        if not blobs:
+            choice.skipped.append("no blob for the requested backends")
+            continue
+        problem = scope_problem(model, name, scope, groups.get(name, []), base_dir)
+        if problem:
+            refuse(f"scope {name!r}: {problem}; running its original nodes")
+            choice.skipped.append(problem)
+            continue
         for blob in blobs:
             reason = backend_problem(blob) or hardware_problem(blob.hardware)
             if reason is None and blob.native_code and not allow_native_code:
@@ -146,7 +156,7 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
                     payload = read_payload(blob, base_dir, max_bytes=max_blob_bytes)
                     sub = None
                     if blob.backend == "onnxgen-kernels":
-                        sub = submodel(model, groups[name], scope.inputs, scope.outputs, types, base_dir)
+                        sub = submodel(model, groups[name], scope.inputs, scope.outputs, types(), base_dir)
                     runners[name] = BACKENDS[blob.backend].load(payload, blob, scope.inputs, scope.outputs,
                                                                 sub=sub, allow_native_code=allow_native_code)
                     choice.runner = blob.backend
@@ -156,8 +166,12 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
                     reason = f"{type(error).__name__}: {error}"
             choice.skipped.append(f"{blob.backend}: {reason}")
             warnings.warn(f"scope {name!r}: {blob.backend} blob not used ({reason})", ContextWarning, stacklevel=2)
-        if choice.runner == "original" and not blobs:
-            choice.skipped.append("no blob for the requested backends")
+    if not runners:  # no blob runs: the plain model, as one session, exactly as without a context
+        full = onnx.load(str(model_path))
+        inputs = [i.name for i in full.graph.input if i.name not in {t.name for t in full.graph.initializer}]
+        step = Step(list(model.graph.node), inputs, [o.name for o in model.graph.output],
+                    runner=ort_runner(ort_session(full, threads=threads)), label=",".join(sorted(choices)))
+        return Session(model, base_dir, [step], choices, types, threads)
     isolated = {name: groups[name] for name in runners}
     steps = plan_steps(model, isolated)
     for step in steps:
@@ -165,7 +179,7 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
             step.runner = runners[step.scope]
         else:
             step.label = ",".join(sorted({s for n in step.nodes for s in [_scope(n)] if s}))
-            step.runner = _original_runner(model, step, types, base_dir, threads)
+            step.runner = _original_runner(model, step, types(), base_dir, threads)
     return Session(model, base_dir, steps, choices, types, threads)
 
 
