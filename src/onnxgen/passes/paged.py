@@ -49,7 +49,7 @@ _PAST = re.compile(r"past_key_values?\D*?(\d+)\D*?(key|value)s?$")
 # sliding windows of common models, so a window shows as one).
 _PROBE_PAST = 8190
 # Ops through which the KV cache's concat reaches attention: GQA's repeat and layout changes.
-_LAYOUT_OPS = {"Unsqueeze", "Expand", "Reshape", "Transpose", "Squeeze", "Identity", "Cast"}
+_LAYOUT_OPS = {"Unsqueeze", "Expand", "Reshape", "Squeeze", "Identity"}
 
 
 class PagedConversionError(ValueError):
@@ -100,11 +100,12 @@ class _PagedRule(pattern.RewriteRuleClassBase):
         if k is None or v is None:
             which = "key" if k is None else "value"
             return None, self._fail(result, f"the attention's {which} is not the Concat of a past "
-                                            f"{which} input with new {which}s (through GQA's repeat only)")
-        (kc, kkind, knew, kt), (vc, vkind, vnew, vt) = k, v
+                                            f"{which} input with new {which}s on the sequence axis (through GQA's repeat only; a past "
+                                            "sliced to a window before the concat is not supported)")
+        (kc, kkind, knew), (vc, vkind, vnew) = k, v
         if kc is not vc or (kkind, vkind) != ("key", "value"):
             return None, self._fail(result, "key and value come from different layers' caches")
-        return (kc, knew, vnew, kt, vt), result
+        return (kc, knew, vnew), result
 
     def _window(self, result, mask: ir.Value | None):
         if mask is None:
@@ -168,7 +169,7 @@ class AttentionOp(_PagedRule):
         return result
 
     def rewrite(self, op, q, k, v, mask, **_):
-        cache, knew, vnew, _, _ = self._found
+        cache, knew, vnew = self._found
         return self._paged(op, q, knew, vnew, cache, _static(q.shape[1]), self._scale or None, self._softcap,
                            self._window_size)
 
@@ -233,7 +234,7 @@ class MatMulSoftmax(_PagedRule):
         return result
 
     def rewrite(self, op, q, k, v, mask, **_):
-        cache, knew, vnew, _, _ = self._found
+        cache, knew, vnew = self._found
         scale = None if math.isclose(self._scale, cache.head_dim ** -0.5, rel_tol=1e-6) else self._scale
         return self._paged(op, q, knew, vnew, cache, _static(q.shape[1]), scale, self._softcap, self._window_size)
 
@@ -248,8 +249,7 @@ def _is_zero(value: ir.Value) -> bool:
 def _cache_source(value: ir.Value, by_past: dict):
     """Walk back from an attention operand through GQA's repeat to ``Concat(past, new)``.
 
-    Returns (cache, "key"|"value", new, transposes seen) or None."""
-    transposes = 0
+    Returns (cache, "key"|"value", new) or None."""
     for _ in range(16):
         node = value.producer()
         if node is None:
@@ -259,10 +259,9 @@ def _cache_source(value: ir.Value, by_past: dict):
             if axis not in (2, -2):
                 return None
             cache, kind = by_past[node.inputs[0]]
-            return cache, kind, node.inputs[1], transposes
+            return cache, kind, node.inputs[1]
         if node.op_type not in _LAYOUT_OPS:
             return None
-        transposes += node.op_type == "Transpose"
         value = node.inputs[0]
     return None
 
@@ -513,11 +512,11 @@ def paged(model: onnx.ModelProto | ir.Model, block_size: int | None = None, *, a
     graph.outputs.clear()
     graph.outputs.extend(outputs)
     common_passes.RemoveUnusedNodesPass()(m)
-    _drop_old_inputs(graph, caches)
+    _drop_old_inputs(graph, caches, keep=[input_ids, position_ids, *new_inputs])
     graph.inputs.clear()
     graph.inputs.extend([input_ids, position_ids, *new_inputs])
     common_passes.RemoveUnusedNodesPass()(m)
-    common_passes.RemoveUnusedOpsetsPass()(m) if hasattr(common_passes, "RemoveUnusedOpsetsPass") else None
+    common_passes.RemoveUnusedOpsetsPass()(m)
     graph.sort()
     if block_size:
         m.metadata_props["onnxgen.block_size"] = str(block_size)
@@ -525,26 +524,25 @@ def paged(model: onnx.ModelProto | ir.Model, block_size: int | None = None, *, a
     return ir.serde.serialize_model(m)
 
 
-def _drop_old_inputs(graph: ir.Graph, caches: dict[int, _Cache]) -> None:
+def _drop_old_inputs(graph: ir.Graph, caches: dict[int, _Cache], keep: list[ir.Value]) -> None:
     """After dead code is gone, the past inputs may still be read by Shape (the batch size): that is
-    1 now.  Any other use (the past length, attention_mask) means the graph needs them: refuse."""
+    1 now.  Any other use of them (the past length) or of another old input (attention_mask, …)
+    means the graph still needs what a paged batch does not have: refuse, naming it."""
     for cache in caches.values():
         for past in (cache.past_key, cache.past_value):
             for node in list(past.consumers()):
                 start = node.attributes["start"].as_int() if "start" in node.attributes else 0
                 end = node.attributes["end"].as_int() if "end" in node.attributes else 4
-                dims = range(4)[start:end]
-                if node.op_type != "Shape" or 2 in dims:
+                if node.op_type != "Shape" or 2 in range(4)[start:end]:
                     raise PagedConversionError(
                         f"{past.name} is still read by {node.op_type} node {node.name!r} outside attention "
                         "(the past length used for positions or masks?): not convertible")
                 d = cache.head_dim if past is cache.past_key else cache.v_head_dim
                 shape = np.array([1, cache.kv_heads, 0, d], np.int64)[start:end]
                 node.outputs[0].replace_all_uses_with(_const(graph, f"{node.name or past.name}.shape", shape))
-    old = {v.name: v for v in graph.inputs}
-    for name in ("attention_mask", "input_ids.batched", "position_ids.batched"):
-        value = old.get(name)
-        if value is not None and value.uses() and name == "attention_mask":
-            users = sorted({u.node.op_type for u in value.uses()})
-            raise PagedConversionError(f"attention_mask is still used outside the attention masks (by {users}): "
-                                       "a paged batch has no padding mask")
+                graph.remove(node, safe=True)
+    for value in graph.inputs:
+        if value not in keep and value.uses():
+            users = sorted({f"{u.node.op_type} {u.node.name!r}" for u in value.uses()})
+            raise PagedConversionError(f"the input {value.name!r} is still used outside attention (by {users}): "
+                                       "a paged model has no such input")
