@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(run=_expand)
     _add_convert_command(commands)
 
+    from .cli_image import add_parsers as add_image_parsers  # export-diffusion, image
+
+    add_image_parsers(commands)
+
     from .context.cli import add_parser as add_context_parser
 
     add_context_parser(commands)
