@@ -38,6 +38,7 @@ import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript.rewriter import _ir_utils, pattern
+from onnxscript.rewriter.rules import common as common_rules
 
 from ..ops.domain import DOMAIN, DOMAIN_VERSION, MIN_ONNX_OPSET
 
@@ -515,6 +516,9 @@ def paged(model: onnx.ModelProto | ir.Model, block_size: int | None = None, *, a
     _drop_old_inputs(graph, caches, keep=[input_ids, position_ids, *new_inputs])
     graph.inputs.clear()
     graph.inputs.extend([input_ids, position_ids, *new_inputs])
+    # The transposes around each PagedAttention often cancel with the source's own (v, the output).
+    pattern.RewriteRuleSet([common_rules.transpose_transpose_rule, common_rules.no_op_transpose_rule]).apply_to_model(m)
+    common_passes.IdentityEliminationPass()(m)
     common_passes.RemoveUnusedNodesPass()(m)
     common_passes.RemoveUnusedOpsetsPass()(m)
     graph.sort()
