@@ -10,8 +10,9 @@ it):
 - ``score_constants`` (floats): the float tables (and nothing else; float immediates are
   stored as their bits in the instruction).
 
-Registers hold float32 (``F``) or integer (``I``: int32/int64 computed in int64; booleans are
-0/1) values.  Registers 0-4 are the inputs ``score`` (F), ``batch``, ``head``, ``q_pos``
+Registers hold float32 (``F``) or integer (``I``: int32 and int64 alike computed in 32 bits,
+where AVX2 vectorises them; booleans are 0/1) values; integer constants and tables outside the
+int32 range are not compiled.  Registers 0-4 are the inputs ``score`` (F), ``batch``, ``head``, ``q_pos``
 (uniform: one value per query row and head) and ``kv_pos`` (I).  The kernel runs the program
 over the vector of kv positions of a cache block; a register that depends only on uniform
 inputs and constants is computed once (length 1) and broadcast.  Every instruction's types are
@@ -70,6 +71,11 @@ class CompiledScore:
     constants: np.ndarray  # float32
 
 
+def _int32(array: np.ndarray) -> None:
+    if array.size and (array.min() < -2**31 or array.max() >= 2**31):
+        raise Unsupported("an integer constant outside the int32 range")
+
+
 class _Compiler:
     def __init__(self):
         self.code: list[list[int]] = []
@@ -88,6 +94,7 @@ class _Compiler:
         if array.dtype == np.float32:
             return self.emit("CONST_F", _FLOAT, struct.unpack("<i", struct.pack("<f", float(value)))[0])
         if array.dtype in (np.int32, np.int64):
+            _int32(array)
             return self.emit("CONST_I", _INT, int(value))
         if array.dtype == np.bool_:
             return self.emit("CONST_I", _BOOL, int(bool(value)))
@@ -99,6 +106,7 @@ class _Compiler:
             self.float_tables.extend(array.tolist())
             return "GATHER_F", _FLOAT, offset
         if array.dtype in (np.int32, np.int64):
+            _int32(array)
             offset = len(self.int_tables)
             self.int_tables.extend(int(x) for x in array)
             return "GATHER_I", _INT, offset

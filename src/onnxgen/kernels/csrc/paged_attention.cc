@@ -189,7 +189,10 @@ class Attention {
     std::vector<float> q_split(split ? q.size() : 0);
     for (int64_t v = 0; split && v < rows * H; ++v) split_even_odd(&q[size_t(v * D)], &q_split[size_t(v * D)], D);
     State state{state_buffer, Dv};
-    ScoreProgram::Scratch scratch = a_.score_mod.empty() ? ScoreProgram::Scratch{} : a_.score_mod.scratch(p_.block_size);
+    // score_mod runs once per (query row, block) over up to `mod_heads` heads' scores at a time.
+    const int64_t mod_heads = std::max<int64_t>(1, std::min<int64_t>(H, 2048 / p_.block_size));
+    ScoreProgram::Scratch scratch =
+        a_.score_mod.empty() ? ScoreProgram::Scratch{} : a_.score_mod.scratch(mod_heads * p_.block_size);
     for (int64_t i = 0; i < rows * H; ++i) state.max(i) = kNegInf, state.sum(i) = 0.f, std::fill_n(state.acc(i), Dv, 0.f);
 
     const int64_t bs = p_.block_size;
@@ -270,13 +273,21 @@ class Attention {
         int64_t lo = seg.first_position, hi = seg.first_position + n;  // visible kv positions [lo, hi)
         if (a_.is_causal) hi = std::min(hi, q_pos + 1);
         if (a_.local_window_size >= 0) lo = std::max(lo, q_pos - a_.local_window_size);
-        for (int64_t head = 0; head < H; ++head) {
-          float* s = &scores[size_t((r * H + head) * bs)];
-          any |= softmax_step(s, n, lo - seg.first_position, hi - seg.first_position, state, r * H + head,
-                              [&](float* visible, int64_t count, int64_t first) {
-                                a_.score_mod.run(visible, count, item.seq, head, q_pos, seg.first_position + first, scratch);
-                              });
+        const int64_t vis_lo = std::max<int64_t>(lo - seg.first_position, 0), vis_hi = std::min(hi - seg.first_position, n);
+        const bool modded = !a_.score_mod.empty() && vis_lo < vis_hi;
+        if (modded) {  // soft cap, then the score_mod program over this row's heads
+          float* row = &scores[size_t(r * H * bs)];
+          if (a_.softcap > 0.f)
+            for (int64_t head = 0; head < H; ++head)
+              for (int64_t t = vis_lo; t < vis_hi; ++t)
+                row[head * bs + t] = a_.softcap * std::tanh(row[head * bs + t] * scale_ / a_.softcap);
+          for (int64_t h0 = 0; h0 < H; h0 += mod_heads)
+            a_.score_mod.run(row + h0 * bs, std::min(mod_heads, H - h0), bs, vis_lo, vis_hi, item.seq, h0, q_pos,
+                             seg.first_position, scratch);
         }
+        for (int64_t head = 0; head < H; ++head)
+          any |= softmax_step(&scores[size_t((r * H + head) * bs)], n, lo - seg.first_position,
+                              hi - seg.first_position, state, r * H + head, modded);
       }
       if (!any) continue;
       if (has_avx512()) {  // values accumulate in registers, two queries at a time
@@ -315,18 +326,16 @@ class Attention {
 
   // Softcap and mask one row of scores (visible tokens [lo, hi)), fold it into the running
   // softmax of state i, and leave the (unnormalised) probabilities in `s`.  False if none visible.
-  // The score_mod program (when there is one) runs on the visible scores, after the soft cap;
-  // a row it masks completely (-inf) counts as invisible.
-  template <typename ScoreMod>
-  bool softmax_step(float* s, int64_t n, int64_t lo, int64_t hi, State& state, int64_t i, ScoreMod&& score_mod) const {
+  // `modded`: the soft cap and the score_mod program have already run on the visible scores; a
+  // row the program masks completely (-inf) counts as invisible.
+  bool softmax_step(float* s, int64_t n, int64_t lo, int64_t hi, State& state, int64_t i, bool modded) const {
     lo = std::max<int64_t>(lo, 0), hi = std::min(hi, n);
     if (lo >= hi) {
       std::fill_n(s, n, 0.f);
       return false;
     }
-    if (a_.softcap > 0.f)
+    if (a_.softcap > 0.f && !modded)
       for (int64_t t = lo; t < hi; ++t) s[t] = a_.softcap * std::tanh(s[t] * scale_ / a_.softcap);
-    if (!a_.score_mod.empty()) score_mod(s + lo, hi - lo, lo);
     float m = state.max(i);
     for (int64_t t = lo; t < hi; ++t) m = std::max(m, s[t]);
     if (m == kNegInf) {  // everything so far masked by score_mod

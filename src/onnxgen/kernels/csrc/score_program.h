@@ -4,7 +4,8 @@
 // Program: [MAGIC, VERSION, num_registers, num_instructions], then per instruction
 // (opcode, dst, a, b, c), then the integer tables; the float tables come in a second attribute.
 // Registers 0-4 are the inputs score (float), batch, head, q_pos (integers, uniform) and kv_pos
-// (integer).  A register is float or integer (int64; booleans 0/1) as its opcode says; it is
+// (integer).  A register is float or integer (int32, as the graph's indices; int64 values are
+// computed in 32 bits; booleans 0/1) as its opcode says; it is
 // "uniform" (one value, broadcast) when every register it reads is.  Each instruction is one
 // tight loop over the block, with its operands' strides 0 (uniform) or 1.
 #pragma once
@@ -32,6 +33,8 @@ enum ScoreOp : int64_t {
   NUM_SCORE_OPS
 };
 
+using ScoreInt = int32_t;  // integer registers: AVX2 vectorises 32-bit lanes (and their conversions)
+
 class ScoreProgram {
  public:
   static constexpr int64_t kMagic = 0x53434F52, kVersion = 1, kInputs = 5;
@@ -49,7 +52,7 @@ class ScoreProgram {
       bad("bad header (", regs_, " registers, ", count, " instructions)");
     itables_.assign(code.begin() + 4 + 5 * count, code.end());
     is_float_.assign(size_t(regs_), false), uniform_.assign(size_t(regs_), false);
-    is_float_[0] = true, uniform_[1] = uniform_[2] = uniform_[3] = true;
+    is_float_[0] = true, uniform_[1] = uniform_[3] = true;  // head varies: one call covers a row's heads
     std::vector<bool> written(size_t(regs_), false);
     for (int i = 0; i < kInputs; ++i) written[size_t(i)] = true;
     for (int64_t i = 0; i < count; ++i) {
@@ -83,34 +86,42 @@ class ScoreProgram {
   // Per-thread registers for vectors of up to `width` kv positions.
   struct Scratch {
     std::vector<float> f;
-    std::vector<int64_t> i;
+    std::vector<ScoreInt> i;
     int64_t width = 0;
   };
   Scratch scratch(int64_t width) const {
-    return Scratch{std::vector<float>(size_t(regs_ * width)), std::vector<int64_t>(size_t(regs_ * width)), width};
+    return Scratch{std::vector<float>(size_t(regs_ * width)), std::vector<ScoreInt>(size_t(regs_ * width)), width};
   }
 
-  // s[0..n) <- score_mod(s[t], batch, head, q_pos, kv0 + t).
-  void run(float* s, int64_t n, int64_t batch, int64_t head, int64_t q_pos, int64_t kv0, Scratch& m) const {
-    if (n <= 0) return;
+  // One query row over a block of keys, `heads` query heads at a time: s[j * stride + t] <-
+  // score_mod(s[j * stride + t], batch, head0 + j, q_pos, kv0 + t) for t in [lo, hi), j < heads.
+  // Entries outside [lo, hi) are computed at a clamped position and are the caller's to mask.
+  void run(float* s, int64_t heads, int64_t stride, int64_t lo, int64_t hi, int64_t batch, int64_t head0,
+           int64_t q_pos, int64_t kv0, Scratch& m) const {
+    const int64_t n = heads * stride;
+    if (n <= 0 || lo >= hi) return;
     const int64_t W = m.width;
     auto F = [&](int64_t r) { return &m.f[size_t(r * W)]; };
     auto I = [&](int64_t r) { return &m.i[size_t(r * W)]; };
     auto st = [&](int64_t r) { return uniform_[size_t(r)] ? int64_t(0) : int64_t(1); };
     std::memcpy(F(0), s, size_t(n) * sizeof(float));
-    I(1)[0] = batch, I(2)[0] = head, I(3)[0] = q_pos;
-    for (int64_t t = 0; t < n; ++t) I(4)[t] = kv0 + t;
+    I(1)[0] = ScoreInt(batch), I(3)[0] = ScoreInt(q_pos);
+    for (int64_t j = 0; j < heads; ++j)
+      for (int64_t t = 0; t < stride; ++t) {
+        I(2)[j * stride + t] = ScoreInt(head0 + j);
+        I(4)[j * stride + t] = ScoreInt(kv0 + std::min(std::max(t, lo), hi - 1));
+      }
     for (const Instr& in : code_) {
       const int64_t len = uniform_[size_t(in.dst)] ? 1 : n;
       const int64_t sa = in.op == CONST_F || in.op == CONST_I ? 0 : st(in.a);
       const int64_t sb = operands(in.op) > 1 ? st(in.b) : 0, sc = operands(in.op) > 2 ? st(in.c) : 0;
       float* fo = F(in.dst);
-      int64_t* io = I(in.dst);
+      ScoreInt* io = I(in.dst);
       switch (in.op) {
         case CONST_F: { float v; const int32_t bits = int32_t(in.a); std::memcpy(&v, &bits, 4); fo[0] = v; break; }
-        case CONST_I: io[0] = in.a; break;
+        case CONST_I: io[0] = ScoreInt(in.a); break;
         case COPY_F: unary(F(in.a), sa, fo, len, [](float x) { return x; }); break;
-        case COPY_I: unary(I(in.a), sa, io, len, [](int64_t x) { return x; }); break;
+        case COPY_I: unary(I(in.a), sa, io, len, [](ScoreInt x) { return x; }); break;
         case ADD_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return x + y; }); break;
         case SUB_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return x - y; }); break;
         case MUL_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return x * y; }); break;
@@ -118,18 +129,18 @@ class ScoreProgram {
         case MIN_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return std::isnan(x) || std::isnan(y) ? NAN : std::min(x, y); }); break;
         case MAX_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return std::isnan(x) || std::isnan(y) ? NAN : std::max(x, y); }); break;
         case POW_F: binary(F(in.a), sa, F(in.b), sb, fo, len, [](float x, float y) { return std::pow(x, y); }); break;
-        case ADD_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x + y; }); break;
-        case SUB_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x - y; }); break;
-        case MUL_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x * y; }); break;
+        case ADD_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return x + y; }); break;
+        case SUB_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return x - y; }); break;
+        case MUL_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return x * y; }); break;
         case DIV_I: {
-          const int64_t* d = I(in.b);
+          const ScoreInt* d = I(in.b);
           for (int64_t t = 0; t < len; ++t)
             if (d[t * sb] == 0) fail("PagedAttention", "score_mod: integer division by zero");
-          binary(I(in.a), sa, d, sb, io, len, [](int64_t x, int64_t y) { return x / y; });
+          binary(I(in.a), sa, d, sb, io, len, [](ScoreInt x, ScoreInt y) { return x / y; });
           break;
         }
-        case MIN_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return std::min(x, y); }); break;
-        case MAX_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return std::max(x, y); }); break;
+        case MIN_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return std::min(x, y); }); break;
+        case MAX_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return std::max(x, y); }); break;
         case NEG_F: unary(F(in.a), sa, fo, len, [](float x) { return -x; }); break;
         case ABS_F: unary(F(in.a), sa, fo, len, [](float x) { return std::fabs(x); }); break;
         case TANH_F: unary(F(in.a), sa, fo, len, [](float x) { return std::tanh(x); }); break;
@@ -141,47 +152,47 @@ class ScoreProgram {
         case RECIP_F: unary(F(in.a), sa, fo, len, [](float x) { return 1.f / x; }); break;
         case SIGMOID_F: unary(F(in.a), sa, fo, len, [](float x) { return 1.f / (1.f + std::exp(-x)); }); break;
         case RELU_F: unary(F(in.a), sa, fo, len, [](float x) { return x > 0.f ? x : (std::isnan(x) ? x : 0.f); }); break;
-        case NEG_I: unary(I(in.a), sa, io, len, [](int64_t x) { return -x; }); break;
-        case ABS_I: unary(I(in.a), sa, io, len, [](int64_t x) { return x < 0 ? -x : x; }); break;
-        case LT_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return int64_t(x < y); }); break;
-        case LE_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return int64_t(x <= y); }); break;
-        case GT_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return int64_t(x > y); }); break;
-        case GE_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return int64_t(x >= y); }); break;
-        case EQ_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return int64_t(x == y); }); break;
-        case LT_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return int64_t(x < y); }); break;
-        case LE_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return int64_t(x <= y); }); break;
-        case GT_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return int64_t(x > y); }); break;
-        case GE_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return int64_t(x >= y); }); break;
-        case EQ_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return int64_t(x == y); }); break;
-        case AND: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x & y; }); break;
-        case OR: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x | y; }); break;
-        case XOR: binary(I(in.a), sa, I(in.b), sb, io, len, [](int64_t x, int64_t y) { return x ^ y; }); break;
-        case NOT: unary(I(in.a), sa, io, len, [](int64_t x) { return x ^ 1; }); break;
+        case NEG_I: unary(I(in.a), sa, io, len, [](ScoreInt x) { return -x; }); break;
+        case ABS_I: unary(I(in.a), sa, io, len, [](ScoreInt x) { return x < 0 ? -x : x; }); break;
+        case LT_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return ScoreInt(x < y); }); break;
+        case LE_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return ScoreInt(x <= y); }); break;
+        case GT_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return ScoreInt(x > y); }); break;
+        case GE_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return ScoreInt(x >= y); }); break;
+        case EQ_F: binary(F(in.a), sa, F(in.b), sb, io, len, [](float x, float y) { return ScoreInt(x == y); }); break;
+        case LT_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return ScoreInt(x < y); }); break;
+        case LE_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return ScoreInt(x <= y); }); break;
+        case GT_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return ScoreInt(x > y); }); break;
+        case GE_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return ScoreInt(x >= y); }); break;
+        case EQ_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return ScoreInt(x == y); }); break;
+        case AND: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return x & y; }); break;
+        case OR: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return x | y; }); break;
+        case XOR: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return x ^ y; }); break;
+        case NOT: unary(I(in.a), sa, io, len, [](ScoreInt x) { return x ^ 1; }); break;
         case WHERE_F: {
-          const int64_t* c = I(in.a);
+          const ScoreInt* c = I(in.a);
           const float *x = F(in.b), *y = F(in.c);
           for (int64_t t = 0; t < len; ++t) fo[t] = c[t * sa] ? x[t * sb] : y[t * sc];
           break;
         }
         case WHERE_I: {
-          const int64_t *c = I(in.a), *x = I(in.b), *y = I(in.c);
+          const ScoreInt *c = I(in.a), *x = I(in.b), *y = I(in.c);
           for (int64_t t = 0; t < len; ++t) io[t] = c[t * sa] ? x[t * sb] : y[t * sc];
           break;
         }
-        case F2I: unary(F(in.a), sa, io, len, [](float x) { return std::isfinite(x) ? int64_t(x) : int64_t(0); }); break;
-        case I2F: unary(I(in.a), sa, fo, len, [](int64_t x) { return float(x); }); break;
-        case I2B: unary(I(in.a), sa, io, len, [](int64_t x) { return int64_t(x != 0); }); break;
-        case F2B: unary(F(in.a), sa, io, len, [](float x) { return int64_t(x != 0.f); }); break;
+        case F2I: unary(F(in.a), sa, io, len, [](float x) { return std::isfinite(x) ? ScoreInt(x) : ScoreInt(0); }); break;
+        case I2F: unary(I(in.a), sa, fo, len, [](ScoreInt x) { return float(x); }); break;
+        case I2B: unary(I(in.a), sa, io, len, [](ScoreInt x) { return ScoreInt(x != 0); }); break;
+        case F2B: unary(F(in.a), sa, io, len, [](float x) { return ScoreInt(x != 0.f); }); break;
         case GATHER_F: case GATHER_I: {
-          const int64_t* idx = I(in.a);
+          const ScoreInt* idx = I(in.a);
           for (int64_t t = 0; t < len; ++t) {
             int64_t k = idx[t * sa];
             if (k < 0) k += in.c;
             if (k < 0 || k >= in.c)
               fail("PagedAttention", "score_mod: Gather index ", idx[t * sa], " is outside its table of ", in.c,
-                   " entries (batch ", batch, ", head ", head, ", q_pos ", q_pos, ", kv_pos ", kv0 + t * sa, ")");
+                   " entries (batch ", batch, ", q_pos ", q_pos, ")");
             if (in.op == GATHER_F) fo[t] = ftables_[size_t(in.b + k)];
-            else io[t] = itables_[size_t(in.b + k)];
+            else io[t] = ScoreInt(itables_[size_t(in.b + k)]);
           }
           break;
         }
