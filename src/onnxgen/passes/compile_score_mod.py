@@ -12,10 +12,11 @@ it):
 
 Registers hold float32 (``F``) or integer (``I``: int32 and int64 alike computed in 32 bits,
 where AVX2 vectorises them; booleans are 0/1) values; integer constants and tables outside the
-int32 range are not compiled.  Registers 0-4 are the inputs ``score`` (F), ``batch``, ``head``, ``q_pos``
-(uniform: one value per query row and head) and ``kv_pos`` (I).  The kernel runs the program
-over the vector of kv positions of a cache block; a register that depends only on uniform
-inputs and constants is computed once (length 1) and broadcast.  Every instruction's types are
+int32 range are not compiled.  Registers 0-4 are the inputs ``score`` (F), ``batch``, ``head``, ``q_pos`` and ``kv_pos`` (I).
+The kernel runs the program once per query row and cache block, over the vector of that row's
+scores for every head and kv position of the block; ``batch`` and ``q_pos`` are uniform there,
+and a register that depends only on uniform inputs and constants is computed once (length 1)
+and broadcast.  Every instruction's types are
 fixed here, so the interpreter never checks a type while it runs.
 
 Graphs using a pointwise op that has no opcode (Erf, Mod, Round, …) are not compiled: the node
