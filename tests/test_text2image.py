@@ -294,3 +294,12 @@ def test_cli_image(exported, tmp_path):
                  "--height", "48", "--seed", "1", "--scheduler", "ddim"]) == 0
     assert Image.open(out).size == (64, 48)
     assert main(["image", "--model", str(exported), "a cat", "-o", str(out), "--width", "60"]) == 2
+
+
+def test_factory_creates_the_image_pipeline(exported):
+    from onnxgen.pipelines.factory import DeviceFactory, Text2ImagePipelineFactory
+
+    devices = DeviceFactory.get_instance().enumerate("onnxgen")
+    pipe = Text2ImagePipelineFactory.get_instance().create("onnxgen", exported, devices)
+    options = dict(seed=5, num_inference_steps=2, scheduler="dpmpp")
+    assert np.array_equal(pipe("a boat", **options), Text2ImagePipeline(exported)("a boat", **options))
