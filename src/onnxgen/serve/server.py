@@ -41,7 +41,11 @@ def _image_model(folder: str | None) -> ServedImageModel | None:
     if folder is None:
         from ..pipelines.text2image import default_image_model
 
-        folder = default_image_model()
+        try:
+            folder = default_image_model()
+        except ImportError as error:  # building the default needs torch and diffusers
+            warnings.warn(f"serving no images: {error}", stacklevel=2)
+            return None
     pipeline = Text2ImagePipeline(folder)
 
     def generate(prompt, width, height, steps, guidance_scale, seed, negative_prompt, n):
