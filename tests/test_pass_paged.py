@@ -127,3 +127,25 @@ def test_cli_convert(exported, tmp_path):
                                                        "past_seqlens", "block_table", "slot_mapping"]
     assert model.graph.input[6].type.tensor_type.shape.dim[1].dim_value == 8
     assert main(["convert", str(tmp_path / "paged.onnx"), str(tmp_path / "again.onnx")]) == 2  # no past inputs
+
+
+def test_converted_model_folder_serves_like_transformers(exported, tmp_path, rng):
+    """onnxgen convert to a folder (onnxgen.json from the signature and the source's config): the
+    engine's greedy tokens for a batch of prompts equal transformers' generate."""
+    form, hf, source = exported
+    if form != "attention23":
+        pytest.skip("one form is enough for the engine")
+    from hf_models import assert_greedy_matches
+    from onnxgen.cli import main
+    from onnxgen.engine import LLMEngine, SamplingParams
+
+    hf.save_pretrained(tmp_path / "hf")
+    onnx.save(source, tmp_path / "decoder.onnx")
+    assert main(["convert", str(tmp_path / "decoder.onnx"), str(tmp_path / "served"), "--block-size", "4",
+                 "--source", str(tmp_path / "hf")]) == 0
+    engine = LLMEngine(tmp_path / "served", max_num_batched_tokens=7)
+    assert engine.max_model_len == hf.config.max_position_embeddings
+    prompts = [list(map(int, rng.integers(3, 97, n))) for n in (6, 2, 9)]
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
+    for prompt, output in zip(prompts, outputs):
+        assert_greedy_matches(hf, prompt, output.token_ids)

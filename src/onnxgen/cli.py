@@ -175,10 +175,17 @@ def _convert(args) -> int:
         model = fuse_moe(model, require=False)
     model = paged(model, block_size=args.block_size, all_logits=args.all_logits)
     out = Path(args.output)
-    onnx.save_model(model, out, save_as_external_data=True, location=out.name + ".data", size_threshold=1024)
-    blocks = model.metadata_props
-    fused = next((p.value for p in blocks if p.key == "onnxgen.fused_moe_blocks"), "0")
-    print(f"wrote {out} (+ {out.name}.data): paged signature, {fused} MoE block(s) fused")
+    fused = next((p.value for p in model.metadata_props if p.key == "onnxgen.fused_moe_blocks"), "0")
+    if out.suffix == ".onnx":
+        onnx.save_model(model, out, save_as_external_data=True, location=out.name + ".data", size_threshold=1024)
+        print(f"wrote {out} (+ {out.name}.data): paged signature, {fused} MoE block(s) fused")
+        return 0
+    from .export.folder import write_model_folder
+
+    source = args.source or Path(args.model).parent
+    write_model_folder(model, out, source_dir=source, block_size=args.block_size or 16)
+    print(f"wrote {out}/model.onnx, onnxgen.json and the tokenizer files of {source}: paged signature, "
+          f"{fused} MoE block(s) fused; serve it with `onnxgen generate --model {out}`")
     return 0
 
 
@@ -189,7 +196,10 @@ def _add_convert_command(commands) -> None:
                     "or the MatMul-Softmax-MatMul pattern), fuse its torch-exported MoE blocks into onnxgen.preview.MoE "
                     "and write it with the paged signature of docs/PagedSignature.md (see docs/Export.md).")
     convert.add_argument("model", help="input .onnx file")
-    convert.add_argument("output", help="output .onnx file (weights in OUTPUT.data)")
+    convert.add_argument("output", help="an .onnx file (weights in OUTPUT.data), or a model folder for the engine "
+                                        "(model.onnx, onnxgen.json and the tokenizer)")
+    convert.add_argument("--source", help="the Hugging Face folder the model came from, for the context length, eos "
+                                          "ids, chat template and tokenizer of a model folder (default: the input's folder)")
     convert.add_argument("--block-size", type=int, help="fix the caches' block size (default: symbolic)")
     convert.add_argument("--all-logits", action="store_true", help="logits for every token, not only each sequence's last")
     convert.add_argument("--no-moe", action="store_true", help="do not fuse MoE blocks")
