@@ -232,3 +232,38 @@ def test_metrics(server):
                  "onnxgen_generation_tokens_total", "onnxgen_generation_tokens_per_second",
                  "onnxgen_time_to_first_token_seconds_bucket", "onnxgen_inter_token_latency_seconds_bucket"):
         assert name in text, name
+
+
+def test_images_endpoint(default_folder, tmp_path):
+    """/v1/images/generations returns the pipeline's own image (same seed) as a PNG; bad sizes are 400."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from onnxgen.cli import main
+    from onnxgen.export.diffusion import write_random_checkpoint
+    from onnxgen.pipelines.text2image import Text2ImagePipeline
+    from onnxgen.serve.server import _image_model
+    from test_text2image import TINY
+
+    write_random_checkpoint(tmp_path / "sd", TINY, seed=3)
+    assert main(["export-diffusion", str(tmp_path / "sd"), str(tmp_path / "sd-onnx")]) == 0
+    engine = AsyncEngine(LLMEngine(default_folder, kv_cache_gib=0.05), metrics=Metrics())
+    server = Server(create_app(text=ServedModel("tiny", engine), image=_image_model(str(tmp_path / "sd-onnx"))))
+    try:
+        body = {"prompt": "a red cube", "size": "64x64", "steps": 3, "seed": 5, "n": 1}
+        response = httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        png = Image.open(io.BytesIO(base64.b64decode(response.json()["data"][0]["b64_json"])))
+        want = Text2ImagePipeline(tmp_path / "sd-onnx")("a red cube", image_width=64, image_height=64,
+                                                        num_inference_steps=3, seed=5)
+        np.testing.assert_array_equal(np.asarray(png.convert("RGB")), want[0])
+        bad = httpx.post(f"{server.url}/v1/images/generations", json={**body, "size": "60x64"}, timeout=30)
+        assert bad.status_code == 400 and "multiples of 8" in bad.json()["error"]["message"]
+        empty = httpx.post(f"{server.url}/v1/images/generations", json={**body, "prompt": ""}, timeout=30)
+        assert empty.status_code == 400
+    finally:
+        server.stop()
+        engine.stop()
