@@ -20,23 +20,12 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from onnxgen.cli import main  # noqa: E402
-from onnxgen.export.diffusion import load_components, write_random_checkpoint  # noqa: E402
+from onnxgen.export.diffusion import TINY_CONFIG, load_components, write_random_checkpoint  # noqa: E402
 from onnxgen.pipelines import schedulers  # noqa: E402
 from onnxgen.pipelines.clip_tokenizer import CLIPTokenizer, openai_vocab_file  # noqa: E402
 from onnxgen.pipelines.text2image import ImageGenerationConfig, Text2ImagePipeline  # noqa: E402
 
-TINY = {
-    "text_encoder": dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-    "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8,
-                 norm_num_groups=8),
-    "vae": dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
-                block_out_channels=(8, 8, 16, 16), down_block_types=("DownEncoderBlock2D",) * 4,
-                up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=4),
-}
+TINY = TINY_CONFIG
 DIFFUSERS = {"euler": "EulerDiscreteScheduler", "euler_ancestral": "EulerAncestralDiscreteScheduler",
              "ddim": "DDIMScheduler", "dpmpp": "DPMSolverMultistepScheduler"}
 SD_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
@@ -303,3 +292,29 @@ def test_factory_creates_the_image_pipeline(exported):
     pipe = Text2ImagePipelineFactory.get_instance().create("onnxgen", exported, devices)
     options = dict(seed=5, num_inference_steps=2, scheduler="dpmpp")
     assert np.array_equal(pipe("a boat", **options), Text2ImagePipeline(exported)("a boat", **options))
+
+
+def test_default_model_without_torch_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setenv("ONNXGEN_CACHE", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    assert main(["image", "a cat", "-o", str(tmp_path / "x.png")]) == 2
+    error = capsys.readouterr().err
+    assert "needs torch and diffusers" in error and "onnxgen export-diffusion" in error
+
+
+def test_guide_examples_run(capsys):
+    """The Python examples of docs/Text2Image.md run as written (one namespace, in order)."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).parent.parent / "docs" / "Text2Image.md"
+    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    assert len(blocks) == 2
+    namespace = {"__name__": "docs"}
+    for code in blocks:
+        exec(compile(code, str(doc), "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "(1, 64, 64, 3) uint8" in out and "step 3/3" in out and "Unregistered GenAI framework" in out
+    assert "(1, 64, 64, 3) 2 onnxgen" in out and len(namespace["pictures"]) == 2
