@@ -5,7 +5,9 @@ keeps each paged cache in one buffer bound (IOBinding) as both the cache input a
 output, so a step writes its new keys/values in place and copies nothing.  Nodes the kernels
 cannot run (a graph attribute, ``ai.onnx.preview.FlexAttention``) are expanded into standard
 ops first, except PagedAttention's ``score_mod``, compiled to a bytecode the kernel interprets
-(``passes.compile_score_mod``); without the library the whole model is expanded, with a warning.
+(``passes.compile_score_mod``), and FlexAttention nodes whose score_mod is pointwise, run by the
+same kernel (``passes.flex_kernel``); without the library the whole model is expanded, with a
+warning.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .. import kernels
 from ..ops.domain import DOMAIN
 from ..passes import expand
 from ..passes.compile_score_mod import compile_score_mods
+from ..passes.flex_kernel import flex_to_kernel
 
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -73,7 +76,7 @@ class Session:
             options.register_custom_ops_library(library)
             # score_mod graphs become bytecode the kernel reads; those it cannot compile (a
             # warning names the op) keep their graph and are expanded below.
-            runnable = expand(compile_score_mods(model), only=_needs_expansion)
+            runnable = expand(compile_score_mods(flex_to_kernel(model)), only=_needs_expansion)
         else:
             if use_kernels:
                 warnings.warn("onnxgen's kernel library is not built: running the expanded model (slow; "

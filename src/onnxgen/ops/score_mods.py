@@ -244,3 +244,145 @@ def flex_score_mod(mod: onnx.GraphProto) -> onnx.GraphProto:
                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, four_d)],
                              [helper.make_tensor_value_info("scores_out", TensorProto.FLOAT, four_d)],
                              initializer=g.initializers)
+
+
+def pointwise_of(score_mod: onnx.GraphProto) -> tuple[onnx.GraphProto | None, str]:
+    """The pointwise ``(score, batch, head, q_pos, kv_pos) -> score`` graph that a whole-tensor
+    FlexAttention ``score_mod`` applies at every ``(b, h, q_idx, kv_idx)``, or ``(None, reason)``.
+
+    The inverse of ``flex_score_mod``, on any graph of that form: index tensors are
+    ``Range(0, dim, 1)`` over a dimension of ``Shape(scores)`` (taken with Slice, Gather or
+    Shape's start/end, Squeezed or not), Unsqueezed so the range lies on that axis of the
+    ``[B, H, L, S]`` scores (right-aligned broadcasting), and everything else is a pointwise op
+    (``flex_score.POINTWISE_OPS``) on the scores, those indices, scalar constants and constant
+    1-D tables read with Gather; the output may be Expanded to ``Shape(scores)``.  The result is
+    checked with ``flex_score.check``.
+    """
+    from .flex_score import POINTWISE_OPS, ScoreModError, check, constant_arrays
+
+    if len(score_mod.input) != 1 or len(score_mod.output) != 1:
+        return None, "score_mod must take and return one tensor"
+    scores = score_mod.input[0]
+    if scores.type.tensor_type.elem_type != TensorProto.FLOAT:
+        return None, "the scores are not float32"
+    constants = constant_arrays(score_mod)
+    consts_used: set[str] = set()
+    SHAPE, DIM, RANGE = "shape", "dim", "range"
+    kind: dict[str, tuple] = {scores.name: ("score",)}  # name -> (kind, ...)
+    g = _Graph("pointwise")
+    rename = {scores.name: "score"}
+    index_names = INPUT_NAMES[1:]
+
+    def scalar(name):
+        return name in constants and constants[name].size == 1
+
+    def const_int(name):
+        return int(constants[name].reshape(-1)[0]) if scalar(name) else None
+
+    for node in score_mod.node:
+        op, ins = node.op_type, list(node.input)
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        label = f"{op} node {node.name or node.output[0]!r}"
+        if node.domain not in ("", "ai.onnx"):
+            return None, f"{label} is not a standard op"
+        if op == "Constant":
+            continue
+        first = kind.get(ins[0], ("const",) if ins and ins[0] in constants else None) if ins else None
+        if op == "Shape" and first == ("score",):
+            start, end = attrs.get("start", 0), attrs.get("end", 4)
+            axes = list(range(4))[start:end]
+            kind[node.output[0]] = (SHAPE, axes)
+            continue
+        if first is not None and first[0] == SHAPE:
+            axes = first[1]
+            if op == "Slice" and len(ins) >= 3 and const_int(ins[1]) is not None and const_int(ins[2]) is not None:
+                picked = axes[const_int(ins[1]):const_int(ins[2])]
+                if len(ins) > 4 and ins[4] and const_int(ins[4]) != 1:
+                    return None, f"{label} slices the shape with steps"
+                kind[node.output[0]] = (SHAPE, picked) if len(picked) != 1 else (DIM, picked[0])
+                continue
+            if op == "Gather" and const_int(ins[1]) is not None:
+                kind[node.output[0]] = (DIM, axes[const_int(ins[1])])
+                continue
+            if len(axes) == 1 and op in ("Squeeze", "Identity", "Reshape"):
+                kind[node.output[0]] = (DIM, axes[0])
+                continue
+            return None, f"{label} uses the scores' shape other than for index ranges"
+        if first is not None and first[0] == DIM:
+            if op in ("Squeeze", "Identity", "Reshape", "Unsqueeze"):
+                kind[node.output[0]] = first
+                continue
+            return None, f"{label} uses a dimension of the scores other than as a Range's limit"
+        if op == "Range":
+            limit = kind.get(ins[1])
+            if limit is None or limit[0] != DIM or const_int(ins[0]) != 0 or const_int(ins[2]) != 1:
+                return None, f"{label} is not Range(0, a dimension of the scores, 1)"
+            kind[node.output[0]] = (RANGE, limit[1], constants[ins[0]].dtype, 1)
+            continue
+        if first is not None and first[0] == RANGE and op in ("Unsqueeze", "Identity"):
+            _, axis, dtype, rank = first
+            if op == "Unsqueeze":
+                axes = attrs.get("axes")
+                if axes is None and len(ins) > 1:
+                    axes = constants.get(ins[1])
+                if axes is None:
+                    return None, f"{label} has unknown axes"
+                out_rank = rank + np.asarray(axes).size
+                axes = sorted(int(a) % out_rank for a in np.asarray(axes).reshape(-1))
+                position = [a for a in range(out_rank) if a not in axes]
+                if len(position) != 1 or out_rank > 4 or position[0] != axis - (4 - out_rank):
+                    return None, f"{label} does not place the range of axis {axis} on that axis"
+                rank = out_rank
+            kind[node.output[0]] = (RANGE, axis, dtype, rank)
+            continue
+        if op == "Expand" and node.output[0] == score_mod.output[0].name and kind.get(ins[1], (None,))[0] == SHAPE \
+                and kind[ins[1]][1] == [0, 1, 2, 3]:
+            rename[node.output[0]] = rename.get(ins[0], ins[0])
+            continue
+        if op not in POINTWISE_OPS:
+            return None, f"{label}: {op} is not pointwise"
+        args = []
+        for i, x in enumerate(ins):
+            if not x:
+                args.append("")
+                continue
+            k = kind.get(x)
+            if k is not None and k[0] == RANGE:
+                if not (k[3] > 1 or k[1] == 3):
+                    return None, f"{label} uses a Range before it is placed on its axis"
+                if x not in rename:
+                    name = index_names[k[1]]
+                    if np.dtype(k[2]) != np.int32:
+                        name = g.op("Cast", name, to=helper.np_dtype_to_tensor_dtype(np.dtype(k[2])))
+                    rename[x] = name
+            elif k is not None and k[0] in (SHAPE, DIM):
+                return None, f"{label} reads the scores' shape"
+            elif k is None and x in constants:
+                array = constants[x]
+                if array.size == 1:
+                    if x not in rename:
+                        rename[x] = g.const(array.reshape(()), array.dtype)
+                elif op == "Gather" and i == 0 and array.ndim == 1:
+                    if x not in rename:
+                        rename[x] = g.const(array, array.dtype)
+                else:
+                    return None, f"{label} reads a constant of shape {list(array.shape)}"
+                consts_used.add(x)
+            elif k is None:
+                return None, f"{label} reads {x!r}, which is neither computed in the graph nor a constant"
+            args.append(rename[x])
+        out = g.fresh(op.lower())
+        copy = helper.make_node(op, args, [out], name=out)
+        copy.attribute.extend(node.attribute)
+        g.nodes.append(copy)
+        rename[node.output[0]] = out
+        kind[node.output[0]] = ("value",)
+    result = score_mod.output[0].name
+    if result not in rename:
+        return None, "the output is not computed from the scores pointwise"
+    graph = g.finish(rename[result])
+    try:
+        check(graph, "FlexAttention score_mod")
+    except ScoreModError as error:
+        return None, str(error)
+    return graph, ""

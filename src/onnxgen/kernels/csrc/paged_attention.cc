@@ -6,6 +6,12 @@
 // (token, then KV head) with an online softmax; a merge pass combines the chunks of each query
 // row (and the head sink).  The past is read from the input caches, then the new keys/values
 // are written at their slots (in place when onnxruntime binds the output to the input buffer).
+//
+// Private attribute `cache_only` (set by onnxgen.passes.flex_kernel for non-paged FlexAttention,
+// never in a model file): attention over cache[0:past] only, with query positions counted from 0
+// (q_pos = row, as FlexAttention's q_idx); the key/value inputs may have no rows, nothing is
+// written and the cache outputs are left unwritten (the rewritten graph does not read them).
+// Blocks longer than kMaxSegment positions are walked in pieces of kMaxSegment.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -19,9 +25,10 @@ namespace {
 constexpr const char* kOp = "PagedAttention";
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kQueryTile = 16;
+constexpr int64_t kMaxSegment = 128;
 
 struct Attributes {
-  int64_t num_heads, kv_num_heads, is_causal, local_window_size;
+  int64_t num_heads, kv_num_heads, is_causal, local_window_size, cache_only;
   float scale, softcap;
   ScoreProgram score_mod;  // compiled by onnxgen.passes.compile_score_mod; empty when absent
 };
@@ -29,6 +36,8 @@ struct Attributes {
 // Sizes and pointers of one call, checked against each other.
 struct Problem {
   int64_t tokens, batch, heads, kv_heads, group, head_size, v_head_size, num_blocks, block_size, max_blocks;
+  int64_t segment;  // positions per segment: min(block_size, kMaxSegment)
+  bool cache_only;
   DType qkv_type, cache_type;
   Input query, key, value, key_cache, value_cache, cu, past, table, slots, sink;
 };
@@ -74,7 +83,9 @@ Problem check(Ort::KernelContext& ctx, const Attributes& a) {
   p.head_size = p.query.dim(1) / p.heads;
   p.num_blocks = p.key_cache.dim(0), p.block_size = p.key_cache.dim(1);
   p.v_head_size = p.value_cache.dim(3);
-  if (p.key.shape != std::vector<int64_t>{p.tokens, p.kv_heads * p.head_size})
+  p.cache_only = a.cache_only != 0;
+  const int64_t kv_rows = p.cache_only ? p.key.dim(0) : p.tokens;  // cache_only: no rows, or ignored ones
+  if (p.key.shape != std::vector<int64_t>{kv_rows, p.kv_heads * p.head_size})
     fail(kOp, "key has shape ", shape_str(p.key.shape), "; expected [", p.tokens, ", kv_num_heads * head_size = ",
          p.kv_heads * p.head_size, "]");
   if (p.key_cache.dim(2) != p.kv_heads || p.key_cache.dim(3) != p.head_size)
@@ -83,9 +94,10 @@ Problem check(Ort::KernelContext& ctx, const Attributes& a) {
   if (p.value_cache.dim(0) != p.num_blocks || p.value_cache.dim(1) != p.block_size || p.value_cache.dim(2) != p.kv_heads)
     fail(kOp, "value_cache has shape ", shape_str(p.value_cache.shape), "; expected [", p.num_blocks, ", ",
          p.block_size, ", ", p.kv_heads, ", v_head_size]");
-  if (p.value.shape != std::vector<int64_t>{p.tokens, p.kv_heads * p.v_head_size})
+  if (p.value.shape != std::vector<int64_t>{kv_rows, p.kv_heads * p.v_head_size})
     fail(kOp, "value has shape ", shape_str(p.value.shape), "; expected [", p.tokens, ", ", p.kv_heads * p.v_head_size, "]");
   if (p.block_size <= 0) fail(kOp, "key_cache has block_size ", p.block_size);
+  p.segment = std::min(p.block_size, kMaxSegment);
 
   p.batch = p.past.dim(0);
   const int32_t* cu = p.cu.as<int32_t>();
@@ -121,7 +133,7 @@ Problem check(Ort::KernelContext& ctx, const Attributes& a) {
   for (int64_t b = 0; b < p.batch; ++b) {
     if (past[b] < 0) fail(kOp, "past_seqlens[", b, "]=", past[b], " is negative");
     const int64_t total = int64_t(past[b]) + cu[b + 1] - cu[b];
-    const int64_t needed = p.slots.present() ? past[b] : total;  // positions read, or read and written
+    const int64_t needed = p.slots.present() || p.cache_only ? past[b] : total;  // read, or read and written
     if (needed > p.max_blocks * p.block_size)
       fail(kOp, "sequence ", b, " needs ", needed, " mapped positions but its block_table row holds ",
            p.max_blocks, " blocks of ", p.block_size);
@@ -143,14 +155,19 @@ std::vector<Segment> segments_of(const Problem& p, int64_t b) {
   std::vector<Segment> out;
   for (int64_t pos = 0; pos < past; pos += p.block_size) {
     const int64_t block = p.table.as<int32_t>()[b * p.max_blocks + pos / p.block_size];
-    const char* k = static_cast<const char*>(p.key_cache.data) + size_t(block * p.block_size * k_row) * cache_bytes;
-    const char* v = static_cast<const char*>(p.value_cache.data) + size_t(block * p.block_size * v_row) * cache_bytes;
-    out.push_back({k, v, p.cache_type, pos, std::min(p.block_size, past - pos)});
+    const int64_t count = std::min(p.block_size, past - pos);
+    for (int64_t o = 0; o < count; o += p.segment) {  // pieces of a long block: contiguous rows
+      const int64_t row = block * p.block_size + o;
+      const char* k = static_cast<const char*>(p.key_cache.data) + size_t(row * k_row) * cache_bytes;
+      const char* v = static_cast<const char*>(p.value_cache.data) + size_t(row * v_row) * cache_bytes;
+      out.push_back({k, v, p.cache_type, pos + o, std::min(p.segment, count - o)});
+    }
   }
-  for (int64_t t = begin; t < end; t += p.block_size) {
+  if (p.cache_only) return out;
+  for (int64_t t = begin; t < end; t += p.segment) {
     const char* k = static_cast<const char*>(p.key.data) + size_t(t * k_row) * input_bytes;
     const char* v = static_cast<const char*>(p.value.data) + size_t(t * v_row) * input_bytes;
-    out.push_back({k, v, p.qkv_type, past + (t - begin), std::min(p.block_size, end - t)});
+    out.push_back({k, v, p.qkv_type, past + (t - begin), std::min(p.segment, end - t)});
   }
   return out;
 }
@@ -174,7 +191,8 @@ class Attention {
   void run(const WorkItem& item, const std::vector<Segment>& segments, float* state_buffer) const {
     const int64_t rows = item.row_end - item.row_begin, H = p_.heads, D = p_.head_size, Dv = p_.v_head_size;
     const int64_t G = p_.group, Hkv = p_.kv_heads;
-    const int64_t past = p_.past.as<int32_t>()[item.seq], first_token = p_.cu.as<int32_t>()[item.seq];
+    const int64_t past = p_.cache_only ? 0 : p_.past.as<int32_t>()[item.seq];  // position of the first query
+    const int64_t first_token = p_.cu.as<int32_t>()[item.seq];
     // Queries in fp32, pre-scaled: q[row][head][D].
     std::vector<float> q(size_t(rows * H * D));
     const size_t qbytes = dtype_size(p_.qkv_type);
@@ -190,12 +208,12 @@ class Attention {
     for (int64_t v = 0; split && v < rows * H; ++v) split_even_odd(&q[size_t(v * D)], &q_split[size_t(v * D)], D);
     State state{state_buffer, Dv};
     // score_mod runs once per (query row, block) over up to `mod_heads` heads' scores at a time.
-    const int64_t mod_heads = std::max<int64_t>(1, std::min<int64_t>(H, 2048 / p_.block_size));
+    const int64_t mod_heads = std::max<int64_t>(1, std::min<int64_t>(H, 2048 / p_.segment));
     ScoreProgram::Scratch scratch =
-        a_.score_mod.empty() ? ScoreProgram::Scratch{} : a_.score_mod.scratch(mod_heads * p_.block_size);
+        a_.score_mod.empty() ? ScoreProgram::Scratch{} : a_.score_mod.scratch(mod_heads * p_.segment);
     for (int64_t i = 0; i < rows * H; ++i) state.max(i) = kNegInf, state.sum(i) = 0.f, std::fill_n(state.acc(i), Dv, 0.f);
 
-    const int64_t bs = p_.block_size;
+    const int64_t bs = p_.segment;
     std::vector<float> scores(size_t(rows * H * bs));  // [row][head][token]
     // With many queries per KV head (prefill tiles), the AVX-512 tiled path; per KV head h its
     // query vectors are v = (row, g), state index head_of[h * rows * G + v].
@@ -399,6 +417,7 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
     a.softcap = attribute_or<float>(info, "softcap", 0.f);
     a.is_causal = attribute_or<int64_t>(info, "is_causal", 1);
     a.local_window_size = attribute_or<int64_t>(info, "local_window_size", -1);
+    a.cache_only = attribute_or<int64_t>(info, "cache_only", 0);
     Ort::ConstKernelInfo ki(info);
     std::vector<int64_t> program;
     std::vector<float> constants;
@@ -433,7 +452,7 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
     const int64_t per_row = p.heads * (p.v_head_size + 2);
     for (int64_t b = 0; b < p.batch; ++b) {
       const int64_t n = p.cu.as<int32_t>()[b + 1] - p.cu.as<int32_t>()[b];
-      const int64_t past = p.past.as<int32_t>()[b];
+      const int64_t past = p.cache_only ? 0 : p.past.as<int32_t>()[b];  // position of the first query
       const auto& segs = segments[size_t(b)];
       for (int64_t r0 = 0; r0 < n; r0 += kQueryTile) {
         const int64_t r1 = std::min(n, r0 + kQueryTile);
@@ -487,6 +506,7 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
     });
 
     // 4. The caches: copy when not bound in place, then write the new rows at their slots.
+    if (p.cache_only) return;
     write_caches(ctx, p, key_out.GetTensorMutableRawData(), value_out.GetTensorMutableRawData(), seq_of_token);
   }
 

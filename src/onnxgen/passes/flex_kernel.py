@@ -1,0 +1,208 @@
+"""flex_kernel: non-paged ``ai.onnx.preview.FlexAttention`` -> onnxgen's PagedAttention kernel.
+
+onnxruntime cannot run FlexAttention, and its expansion materialises the ``[B, H, L, S]``
+scores and every index tensor of the ``score_mod`` graph.  Where the node's whole-tensor
+``score_mod`` is recognisably pointwise in ``(b, h, q_idx, kv_idx)``
+(``score_mods.pointwise_of``: index tensors from Shape/Range/Unsqueeze, as
+``score_mods.flex_score_mod`` and ``onnxgen.export.flex`` write them) and compiles to a score
+program (``passes.compile_score_mod``), the node becomes one PagedAttention run by the kernel:
+
+- queries ``[B, Hq, L, D]`` -> ``[B*L, Hq*D]``, ``B`` sequences of ``L`` rows each;
+- ``K``/``V`` ``[B, Hkv, S, D]`` -> ``[B, S, Hkv, D]``: a cache of one block of ``S`` positions
+  per sequence (block table ``[[0], [1], …]``, ``past_seqlens = S``), read in place;
+- the kernel's private ``cache_only=1``: attention over the cache only, query positions from 0
+  (``q_pos = q_idx``), no new keys, nothing written;
+- ``score_program``/``score_constants`` from the pointwise graph, ``is_causal=0`` unless the
+  graph's last op is ``Where(keep, x, -inf)`` with ``kv <= q`` among ``keep``'s conjuncts
+  (then ``is_causal=1`` too, and ``kv >= q - W`` gives ``local_window_size=W``: same result,
+  and the kernel skips the blocks they hide);
+- the output ``[B*L, Hq*Dv]`` -> ``[B, Hq, L, Dv]``.
+
+Other nodes (a ``prob_mod``, a non-pointwise ``score_mod``, an op without bytecode, double
+precision, head counts or sizes unknown at session creation) are left for the expansion; an op
+without bytecode is named in a warning.  One difference: a row that the score_mod masks
+completely gives 0 here (as PyTorch's flex_attention) where onnx's softmax gives NaN.
+
+This is a session-time rewrite for onnxgen's kernel library (``cache_only`` is not part of
+PagedAttention's schema); ``onnxgen.backends.ort.session`` runs it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..ops.domain import DOMAIN
+from ..ops.score_mods import pointwise_of
+from .compile_score_mod import CONSTANTS_ATTR, PROGRAM_ATTR, Unsupported, compile_graph
+
+FLEX_DOMAIN = "ai.onnx.preview"
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+def _masks(graph: onnx.GraphProto) -> tuple[bool, int]:
+    """(causal, window) that the pointwise graph's final ``Where(keep, x, -inf)`` implies."""
+    producer = {o: n for n in graph.node for o in n.output}
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+
+    def through(name):  # follow Identity and integer Casts back to a graph input
+        node = producer.get(name)
+        while node is not None and (node.op_type == "Identity" or (
+                node.op_type == "Cast" and helper.get_attribute_value(node.attribute[0]) in
+                (TensorProto.INT32, TensorProto.INT64))):
+            name = node.input[0]
+            node = producer.get(name)
+        return name
+
+    out = producer.get(through(graph.output[0].name))
+    if out is None or out.op_type != "Where":
+        return False, -1
+    other = constants.get(out.input[2])
+    if other is None or other.size != 1 or not np.isneginf(other.reshape(-1)[0]):
+        return False, -1
+    conjuncts, stack = [], [out.input[0]]
+    while stack:
+        name = stack.pop()
+        node = producer.get(name)
+        if node is not None and node.op_type == "And":
+            stack.extend(node.input)
+        elif node is not None:
+            conjuncts.append(node)
+    causal, window = False, -1
+    for node in conjuncts:
+        a, b = (through(x) for x in node.input[:2])
+        if (node.op_type, a, b) in (("LessOrEqual", "kv_pos", "q_pos"), ("GreaterOrEqual", "q_pos", "kv_pos")):
+            causal = True
+        elif node.op_type == "GreaterOrEqual" and a == "kv_pos":
+            sub = producer.get(b)
+            if sub is not None and sub.op_type == "Sub" and through(sub.input[0]) == "q_pos":
+                w = constants.get(sub.input[1])
+                if w is not None and w.size == 1 and w.dtype.kind == "i" and int(w.reshape(-1)[0]) >= 0:
+                    window = int(w.reshape(-1)[0]) if window < 0 else min(window, int(w.reshape(-1)[0]))
+    return causal, window if causal else -1
+
+
+def _static_dims(value: onnx.ValueInfoProto | None) -> list[int | None] | None:
+    if value is None or not value.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
+class _Writer:
+    def __init__(self, prefix: str):
+        self.prefix, self.nodes, self.initializers, self.count = prefix, [], [], 0
+
+    def name(self, hint):
+        self.count += 1
+        return f"{self.prefix}/{hint}_{self.count}"
+
+    def op(self, op_type, *inputs, outputs=None, domain="", **attrs):
+        outputs = outputs or [self.name(op_type.lower())]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outputs, name=self.name(op_type), domain=domain,
+                                           **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def const(self, array):
+        name = self.name("const")
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+
+def flex_to_kernel(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Return a copy of ``model`` with each FlexAttention node that the kernel can run rewritten
+    to PagedAttention (see the module doc); the others are kept as they are."""
+    flex = [n for n in model.graph.node if n.domain == FLEX_DOMAIN and n.op_type == "FlexAttention"]
+    if not flex:
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - without shapes nothing is rewritten
+        return model
+    infos = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    rewritten = 0
+    for index, node in enumerate(out.graph.node):
+        replacement = None
+        if node.domain == FLEX_DOMAIN and node.op_type == "FlexAttention":
+            replacement = _rewrite(node, infos, index)
+        if replacement is None:
+            nodes.append(node)
+            continue
+        new_nodes, initializers = replacement
+        nodes.extend(new_nodes)
+        out.graph.initializer.extend(initializers)
+        rewritten += 1
+    if rewritten:
+        del out.graph.node[:]
+        out.graph.node.extend(nodes)
+        if not any(o.domain == DOMAIN for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
+    return out
+
+
+def _rewrite(node: onnx.NodeProto, infos, index: int):
+    attrs = {a.name: a for a in node.attribute}
+    label = f"FlexAttention node {node.name or node.output[0]!r}"
+    if "prob_mod" in attrs or len(node.input) != 3 or not all(node.input) or len(node.output) != 1:
+        return None
+    if "softmax_precision" in attrs and attrs["softmax_precision"].i != TensorProto.FLOAT:
+        return None
+    q_info, k_info, v_info = (infos.get(x) for x in node.input)
+    types = {i.type.tensor_type.elem_type for i in (q_info, k_info, v_info) if i is not None}
+    if len(types) != 1 or types.pop() not in _FLOATS:
+        return None
+    q_dims, k_dims, v_dims = _static_dims(q_info), _static_dims(k_info), _static_dims(v_info)
+    if not q_dims or not k_dims or not v_dims or not (len(q_dims) == len(k_dims) == len(v_dims) == 4):
+        return None
+    heads, head_size, kv_heads, v_head_size = q_dims[1], q_dims[3], k_dims[1], v_dims[3]
+    if None in (heads, head_size, kv_heads, v_head_size) or kv_heads == 0 or heads % kv_heads:
+        return None
+    program, causal, window = None, False, -1
+    if "score_mod" in attrs:
+        pointwise, _ = pointwise_of(attrs["score_mod"].g)
+        if pointwise is None:
+            return None
+        try:
+            program = compile_graph(pointwise, label)
+        except Unsupported as reason:
+            warnings.warn(f"{label}: score_mod uses {reason}, which onnxgen's kernel cannot run compiled; "
+                          "this node runs expanded (slow)", stacklevel=4)
+            return None
+        causal, window = _masks(pointwise)
+    q, k, v = node.input
+    dtype = helper.tensor_dtype_to_np_dtype(q_info.type.tensor_type.elem_type)
+    w = _Writer(f"flex_kernel_{index}")
+    i64 = lambda x: w.const(np.asarray(x, np.int64))  # noqa: E731
+    q_shape, k_shape = w.op("Shape", q), w.op("Shape", k)
+    batch = w.op("Slice", q_shape, i64([0]), i64([1]))    # [1]
+    length = w.op("Slice", q_shape, i64([2]), i64([3]))   # [1]
+    past = w.op("Slice", k_shape, i64([2]), i64([3]))     # [1]
+    batch_scalar = w.op("Squeeze", batch, i64([0]))
+    queries = w.op("Reshape", w.op("Transpose", q, perm=[0, 2, 1, 3]), i64([-1, heads * head_size]))
+    key_cache = w.op("Transpose", k, perm=[0, 2, 1, 3])
+    value_cache = w.op("Transpose", v, perm=[0, 2, 1, 3])
+    no_key = w.const(np.zeros((0, kv_heads * head_size), dtype))
+    no_value = w.const(np.zeros((0, kv_heads * v_head_size), dtype))
+    zero, one = i64(0), i64(1)
+    cu = w.op("Cast", w.op("Mul", w.op("Range", zero, w.op("Add", batch_scalar, one), one), length), to=TensorProto.INT32)
+    past_seqlens = w.op("Cast", w.op("Expand", past, batch), to=TensorProto.INT32)
+    table = w.op("Cast", w.op("Unsqueeze", w.op("Range", zero, batch_scalar, one), i64([1])), to=TensorProto.INT32)
+    paged_attrs = dict(num_heads=heads, kv_num_heads=kv_heads, is_causal=int(causal), local_window_size=window,
+                       cache_only=1)
+    if "scale" in attrs:
+        paged_attrs["scale"] = attrs["scale"].f
+    if program is not None:
+        paged_attrs[PROGRAM_ATTR] = program.program.tolist()
+        if program.constants.size:
+            paged_attrs[CONSTANTS_ATTR] = program.constants.tolist()
+    flat = w.op("PagedAttention", queries, no_key, no_value, key_cache, value_cache, cu, past_seqlens, table,
+                outputs=[w.name("output"), w.name("key_cache_unused"), w.name("value_cache_unused")], domain=DOMAIN,
+                **paged_attrs)[0]
+    shape = w.op("Concat", batch, length, i64([heads, v_head_size]), axis=0)
+    w.op("Transpose", w.op("Reshape", flat, shape), perm=[0, 2, 1, 3], outputs=[node.output[0]])
+    return w.nodes, w.initializers
