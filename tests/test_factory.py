@@ -79,3 +79,33 @@ def test_text2text_through_the_factory_matches_transformers(tmp_path, rng):
     result = pipe(prompt, max_new_tokens=8, ignore_eos=True)
     assert len(result.token_ids[0]) == 8
     assert_greedy_matches(hf, prompt, result.token_ids[0])
+
+
+def test_onnxruntime_genai_and_onnxgen_give_the_same_greedy_tokens(tmp_path, rng):
+    """The same random Llama through onnxruntime-genai (its model builder's export) and onnxgen."""
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("torch")
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from hf_models import assert_greedy_matches, tiny_checkpoint
+    from onnxgen.default_model import mistral_tokenizer_model
+    from onnxgen.export.llm import build
+
+    hf = tiny_checkpoint("llama", tmp_path / "hf", 11, hidden_size=64)  # its GQA kernel wants head size % 8 == 0
+    shutil.copy(mistral_tokenizer_model(), tmp_path / "hf" / "tokenizer.model")  # the builder saves a tokenizer
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(tmp_path / "hf"), "-o",
+                    str(tmp_path / "og"), "-p", "fp32", "-e", "cpu", "-c", str(tmp_path / "cache")],
+                   check=True, capture_output=True)
+    build(tmp_path / "hf", tmp_path / "onnx", block_size=4)
+    factory = Text2TextPipelineFactory.get_instance()
+    prompt = list(map(int, rng.integers(3, 97, 6)))
+    theirs = factory.create("onnxruntime-genai", tmp_path / "og", [Device("cpu")])(prompt, max_new_tokens=8)
+    ours = factory.create("onnxgen", tmp_path / "onnx")(prompt, max_new_tokens=8, ignore_eos=True)
+    assert len(ours.token_ids[0]) == len(theirs.token_ids[0]) == 8
+    for tokens in (ours.token_ids[0], theirs.token_ids[0]):  # both equal transformers' (up to a tie in its scores)
+        assert_greedy_matches(hf, prompt, tokens)

@@ -194,7 +194,11 @@ def _ort_devices() -> list[Device]:
 
 
 class OrtGenAIText2Text:
-    """onnxruntime-genai's Model/Tokenizer/Generator behind the text-to-text call (greedy by default)."""
+    """onnxruntime-genai's Model/Tokenizer/Generator behind the text-to-text call (greedy by default).
+
+    A prompt is a string or a list of token ids; a list of those is a batch (run one by one: its
+    CPU path batches statically and pads).
+    """
 
     def __init__(self, models_path: Path, devices: Sequence[Device]):
         import onnxruntime_genai as og
@@ -207,22 +211,29 @@ class OrtGenAIText2Text:
             self.model = og.Model(config)
         else:
             self.model = og.Model(str(models_path))
-        self.tokenizer = og.Tokenizer(self.model)
+        self._tokenizer = None
 
-    def __call__(self, prompt: str | list[str], max_new_tokens: int = 32, **options) -> TextResults:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = self.og.Tokenizer(self.model)
+        return self._tokenizer
+
+    def __call__(self, prompt, max_new_tokens: int = 32, **options) -> TextResults:
+        single = isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))
+        prompts = [prompt] if single else list(prompt)
         texts, ids = [], []
-        for text in prompts:  # one at a time: its CPU path batches statically and pads
-            tokens = self.tokenizer.encode(text)
+        for item in prompts:
+            tokens = self.tokenizer.encode(item) if isinstance(item, str) else np.asarray(item, np.int32)
             params = self.og.GeneratorParams(self.model)
             params.set_search_options(max_length=len(tokens) + max_new_tokens, do_sample=False, **options)
             generator = self.og.Generator(self.model, params)
-            generator.append_tokens(tokens)
+            generator.append_tokens(np.asarray(tokens, np.int32).reshape(1, -1))
             new = []
             while not generator.is_done() and len(new) < max_new_tokens:
                 generator.generate_next_token()
                 new.append(int(generator.get_next_tokens()[0]))
-            texts.append(self.tokenizer.decode(new))
+            texts.append(self.tokenizer.decode(new) if isinstance(item, str) else "")
             ids.append(new)
         return TextResults(texts, ids)
 
