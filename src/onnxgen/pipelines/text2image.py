@@ -14,9 +14,8 @@ expect besides: ``guidance_scale``, ``negative_prompt``, ``seed``, ``scheduler``
 euler_ancestral, ddim, dpmpp).  Any config field may also be given to the call as a keyword.
 
 Choices, stated:
-- An empty (or blank) prompt is refused with ``ValueError``: say what you want to see.  (For
-  unconditional sampling use a prompt of one space-free token such as ``"."`` with
-  ``guidance_scale=1``.)
+- An empty (or blank) prompt is refused with ``ValueError``: say what you want to see.  (diffusers
+  accepts one and samples unconditionally; an empty negative prompt is still the default.)
 - ``seed`` seeds numpy's PCG64 generator, which draws the initial latents (and the ancestral
   sampler's noise): images are reproducible for a seed, but differ from torch's for the same seed.
   ``latents=`` gives the initial latents outright.
