@@ -25,6 +25,12 @@ from onnxgen.context.backends import ort_session
 DOCS_SCHEMA = Path(__file__).parents[1] / "docs" / "backend-context.schema.json"
 
 
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path, monkeypatch):
+    """context.load's cache of verified hashes in a folder of the test's own, not ~/.cache."""
+    monkeypatch.setenv("ONNXGEN_CACHE", str(tmp_path / "cache"))
+
+
 def plain_model(seed: int = 0) -> onnx.ModelProto:
     """y = sigmoid(relu(x W1) W2 + x): the MLP (three nodes) is the scope."""
     rng = np.random.default_rng(seed)

@@ -25,6 +25,12 @@ from onnxgen.export.llm import build
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS, LAYERS, EXPERTS = 48, 80, 97, 4, 2, 2, 4
 
 
+@pytest.fixture(autouse=True)
+def private_hash_cache(tmp_path, monkeypatch):
+    """context.load's cache of verified hashes in a folder of the test's own, not ~/.cache."""
+    monkeypatch.setenv("ONNXGEN_CACHE", str(tmp_path / "cache"))
+
+
 def write_checkpoint(folder, family: str, seed: int = 0) -> None:
     """A random-weight Llama or Mixtral checkpoint in Hugging Face's layout (config + safetensors)."""
     rng = np.random.default_rng(seed)

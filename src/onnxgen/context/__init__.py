@@ -11,9 +11,10 @@ original graph kept as the fallback (docs/BackendContext.md).
 
 from .format import (MANIFEST_KEY, SCHEMA, SCOPE_KEY, Blob, ContextError, ContextWarning, Manifest, Report, Scope,
                      check, content_hash, read_manifest)
+from .epcontext import import_epcontext
 from .load import Session, load
 from .tools import annotate, compile, inspect, strip
 
 __all__ = ["MANIFEST_KEY", "SCHEMA", "SCOPE_KEY", "Blob", "ContextError", "ContextWarning", "Manifest", "Report",
-           "Scope", "Session", "annotate", "check", "compile", "content_hash", "inspect", "load", "read_manifest",
-           "strip"]
+           "Scope", "Session", "annotate", "check", "compile", "content_hash", "import_epcontext", "inspect", "load",
+           "read_manifest", "strip"]

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from ..ops.domain import DOMAIN
-from .format import Blob, ContextError, cpu_hardware
+from .format import EP_PREFIX, Blob, ContextError, cpu_hardware, is_known_backend
 
 
 def has_onnxgen_ops(model: onnx.ModelProto) -> bool:
@@ -242,14 +242,113 @@ class OnnxgenKernels:
         return run
 
 
+# --------------------------------------------------------------------------- onnxruntime's execution providers
+
+
+class OnnxRuntimeEP:
+    """Blobs imported from EPContext models (``epcontext.import_epcontext``): the payload of one
+    ``com.microsoft.EPContext`` node, run by rebuilding that node alone (payload embedded) in an
+    onnxruntime session on its execution provider, CPU fallback disabled.  Nothing here compiles
+    them; they are usable only where this onnxruntime has the provider, whose own checks (SDK
+    version, device) apply when it loads the blob: a refusal falls back with a warning."""
+
+    format = "onnxruntime.epcontext"
+
+    def __init__(self, source: str):
+        self.source = source
+        self.name = EP_PREFIX + source
+
+    def provider(self) -> str | None:
+        """The available provider the EPContext ``source`` names (``X`` or ``XExecutionProvider``)."""
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return None
+        want = self.source.lower()
+        for p in ort.get_available_providers():
+            if p.lower() in (want, want + "executionprovider"):
+                return p
+        return None
+
+    def version(self) -> str | None:
+        return None  # not knowable from outside the provider: see problem()
+
+    def problem(self, blob: Blob) -> str | None:
+        if self.provider() is None:
+            import onnxruntime as ort
+
+            return (f"this onnxruntime has no {self.source} (has "
+                    f"{', '.join(p.removesuffix('ExecutionProvider') for p in ort.get_available_providers())})")
+        return None
+
+    def supports(self, node: onnx.NodeProto) -> bool:
+        return False
+
+    def compile(self, sub: onnx.ModelProto) -> tuple[bytes, dict]:
+        raise ContextError("blobs of onnxruntime execution providers are imported from EPContext models "
+                           "(onnxgen context import-epcontext), not compiled here")
+
+    def load(self, payload: bytes, blob: Blob, inputs: list[str], outputs: list[str], *, types=None, **_):
+        import onnxruntime as ort
+        from onnx import helper
+
+        provider = self.provider()
+        if provider is None:
+            raise ContextError(self.problem(blob))
+        o = blob.options
+        if int(o.get("main_context", 1)) != 1:
+            raise ContextError("the partition shares another node's context (main_context=0): not run alone")
+        if types is None:
+            raise ContextError("the value types of the scope's boundary are needed to rebuild the EPContext node")
+        known = types()
+        attrs = {k: o[k] for k in ("partition_name", "notes", "hardware_architecture", "onnx_model_filename",
+                                   "max_size") if k in o}
+        if blob.backend_version != "unspecified":
+            attrs["ep_sdk_version"] = blob.backend_version
+        ep_inputs, ep_outputs = list(o.get("inputs", inputs)), list(o.get("outputs", outputs))
+        node = helper.make_node("EPContext", ep_inputs, ep_outputs, name=o.get("node_name", "EPContext"),
+                                domain="com.microsoft", embed_mode=1, main_context=1, ep_cache_context=payload,
+                                source=self.source, **attrs)
+        graph = helper.make_graph([node], "epcontext", [helper.make_value_info(n, known[n]) for n in ep_inputs if n],
+                                  [helper.make_value_info(n, known[n]) for n in ep_outputs if n])
+        opsets = dict(o.get("opsets", {}))
+        opsets.setdefault("com.microsoft", 1)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=[provider])
+
+        def run(feeds):
+            got = dict(zip(ep_outputs, session.run(ep_outputs, {n: feeds[n] for n in ep_inputs if n})))
+            return {n: got[n] for n in outputs}
+
+        run.session = session
+        return run
+
+
 BACKENDS = {b.name: b for b in (OpenVINO(), OnnxRuntime(), OnnxgenKernels())}
+
+
+@functools.lru_cache(maxsize=None)
+def _ep_backend(name: str) -> OnnxRuntimeEP:
+    return OnnxRuntimeEP(name[len(EP_PREFIX):])
+
+
+def backend_for(name: str):
+    """The backend that runs blobs named ``name`` (a fixed one, or one per execution provider), or None."""
+    if name in BACKENDS:
+        return BACKENDS[name]
+    return _ep_backend(name) if is_known_backend(name) else None
 
 
 def backend_problem(blob: Blob) -> str | None:
     """Why this machine's software cannot use ``blob`` (None when it can)."""
-    backend = BACKENDS.get(blob.backend)
+    backend = backend_for(blob.backend)
     if backend is None:
         return f"unknown backend {blob.backend!r}"
+    if isinstance(backend, OnnxRuntimeEP):
+        return backend.problem(blob)
     version = backend.version()
     if version is None:
         return f"{blob.backend} is not installed"

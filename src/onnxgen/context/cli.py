@@ -1,4 +1,4 @@
-"""``onnxgen context ...``: annotate, compile, inspect, check, strip."""
+"""``onnxgen context ...``: annotate, compile, inspect, check, strip, import-epcontext."""
 
 from __future__ import annotations
 
@@ -57,6 +57,17 @@ def _strip(args) -> int:
     return 0
 
 
+def _import_epcontext(args) -> int:
+    from .epcontext import import_epcontext
+
+    results = import_epcontext(args.source, args.epctx, args.output, embed=args.embed)
+    for r in results:
+        print(f"{r.node}: scope {r.scope} ({r.nodes} source nodes{', an existing scope' if r.reused_scope else ''}), "
+              f"{r.backend} {r.backend_version} blob of {r.size} bytes, {r.where}")
+    print(f"wrote {args.output}: the source graph with {len(results)} EPContext blobs (onnxgen context inspect)")
+    return 0
+
+
 def add_parser(commands) -> None:
     context = commands.add_parser(
         "context", help="backend context: ahead-of-time blobs per backend, the original graph kept",
@@ -92,6 +103,16 @@ def add_parser(commands) -> None:
     chk = verbs.add_parser("check", help="validate the manifest, hashes and blobs (exit 1 when invalid)")
     chk.add_argument("model")
     chk.set_defaults(run=_check)
+
+    imp = verbs.add_parser("import-epcontext", help="an onnxruntime EPContext model + its source model -> this format",
+                           description="Match each com.microsoft.EPContext node of EPCTX to the SOURCE nodes it "
+                                       "replaced, mark them as a scope and keep the node's payload as a blob of "
+                                       "backend onnxruntime-ep:<source>; the written model is the SOURCE graph.")
+    imp.add_argument("source", help="the model the EPContext model was made from")
+    imp.add_argument("epctx", help="the EPContext model (its embed_mode=0 files beside it)")
+    imp.add_argument("output", help="the model to write (blobs in <output>.context/ beside it)")
+    imp.add_argument("--embed", action="store_true", help="put the payloads in the manifest (base64)")
+    imp.set_defaults(run=_import_epcontext)
 
     strip = verbs.add_parser("strip", help="back to the plain model (same graph, no scopes, no manifest)")
     strip.add_argument("model")

@@ -27,11 +27,14 @@ import os
 import platform
 import re
 import struct
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 import onnx
 from onnx import numpy_helper
+
+from .cache import file_identity
 
 SCOPE_KEY = "onnxgen.context.scope"
 MANIFEST_KEY = "onnxgen.context.manifest"
@@ -41,6 +44,20 @@ HASH_SCHEME = "onnxgen.context.hash/1"
 
 # Every backend this version knows how to run (see backends.py); others are refused.
 KNOWN_BACKENDS = ("openvino", "onnxruntime", "onnxgen-kernels")
+# ... and a family: blobs of onnxruntime execution providers, imported from EPContext models
+# (epcontext.py), named "onnxruntime-ep:<the EPContext node's source attribute>".
+EP_PREFIX = "onnxruntime-ep:"
+_EP_SOURCE = r"^[A-Za-z0-9_.-]{1,64}$"
+# Such a blob names no device onnxgen could check: the provider checks its device (and its SDK
+# version) itself when it loads the blob.
+EP_DEVICE = "execution-provider"
+
+
+def is_known_backend(name: str) -> bool:
+    if name in KNOWN_BACKENDS:
+        return True
+    return name.startswith(EP_PREFIX) and re.match(_EP_SOURCE, name[len(EP_PREFIX):]) is not None
+
 # Blob payload limits: anything larger is refused before it is read.
 MAX_BLOB_BYTES = 4 << 30
 MAX_EMBEDDED_BYTES = 64 << 20
@@ -346,6 +363,38 @@ def content_hash(model: onnx.ModelProto, nodes: list[onnx.NodeProto], base_dir: 
     return "sha256:" + h.hexdigest()
 
 
+def external_files(model: onnx.ModelProto, nodes: list[onnx.NodeProto], base_dir) -> list[Path]:
+    """The external-data files holding the weights ``nodes`` read."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    files = set()
+    for name in boundary(model, nodes)[2]:
+        tensor = initializers[name]
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    files.add(Path(base_dir) / entry.value)
+    return sorted(files)
+
+
+def cached_content_hash(model, name: str, nodes, base_dir, cache=None, model_identity: list | None = None) -> str:
+    """``content_hash``, through ``cache`` (a ``cache.HashCache``) when given with the identity of
+    the model file: keyed by that identity, the scope's name and the identities of the external
+    data files the scope reads."""
+    if cache is None or model_identity is None:
+        return content_hash(model, nodes, base_dir)
+    started = time.time_ns()
+    files = external_files(model, nodes, base_dir)
+    before = [file_identity(f) for f in files]
+    key = cache.key("scope", HASH_SCHEME, model_identity, name, before)
+    known = cache.get(key)
+    if known is not None:
+        return known
+    value = content_hash(model, nodes, base_dir)
+    if [file_identity(f) for f in files] == before:
+        cache.put(key, value, [model_identity] + before, started)
+    return value
+
+
 def _put(h, data: bytes) -> None:
     h.update(struct.pack("<Q", len(data)))
     h.update(data)
@@ -444,10 +493,14 @@ def safe_blob_path(model_dir: str | os.PathLike, relative: str) -> Path:
     return target
 
 
-def read_payload(blob: Blob, model_dir: str | os.PathLike, *, max_bytes: int = MAX_BLOB_BYTES) -> bytes:
-    """The blob's bytes, after every check: size limit, path confinement, size, sha256."""
+def read_payload(blob: Blob, model_dir: str | os.PathLike, *, max_bytes: int = MAX_BLOB_BYTES,
+                 cache=None) -> bytes:
+    """The blob's bytes, after every check: size limit, path confinement, size, sha256.  With a
+    ``cache.HashCache``, a blob file whose identity (path, inode, size, times) is unchanged since its
+    sha256 was computed is not hashed again; any change to the file means hashing it again."""
     if blob.size > max_bytes:
         raise ContextError(f"blob of {blob.size} bytes is over the limit of {max_bytes} bytes")
+    digest = None
     if blob.data is not None:
         if blob.size > MAX_EMBEDDED_BYTES:
             raise ContextError(f"embedded blob of {blob.size} bytes is over the limit of {MAX_EMBEDDED_BYTES}")
@@ -464,10 +517,18 @@ def read_payload(blob: Blob, model_dir: str | os.PathLike, *, max_bytes: int = M
         actual = path.stat().st_size
         if actual != blob.size:
             raise ContextError(f"blob file {blob.path!r} has {actual} bytes, the manifest says {blob.size}")
+        started = time.time_ns()
+        before = file_identity(path) if cache is not None else None
         payload = path.read_bytes()
+        if before is not None and len(payload) == blob.size and file_identity(path) == before:
+            key = cache.key("blob", before)
+            digest = cache.get(key)
+            if digest is None:
+                digest = hashlib.sha256(payload).hexdigest()
+                cache.put(key, digest, [before], started)
     if len(payload) != blob.size:
         raise ContextError(f"blob payload has {len(payload)} bytes, the manifest says {blob.size} (truncated?)")
-    digest = hashlib.sha256(payload).hexdigest()
+    digest = digest or hashlib.sha256(payload).hexdigest()
     if digest != blob.sha256:
         raise ContextError(f"blob sha256 is {digest}, the manifest says {blob.sha256}: the payload was changed")
     return payload
@@ -510,6 +571,8 @@ def cpu_hardware(device: str = "cpu") -> dict:
 def hardware_problem(hardware: dict) -> str | None:
     """Why this machine does not meet ``hardware``, or None when it does."""
     device = hardware.get("device", "")
+    if device == EP_DEVICE:
+        return None  # the execution provider checks its own device when it loads the blob
     if device.lower() != "cpu":
         return f"device {device!r} (only the CPU is supported here)"
     arch = hardware.get("arch")
@@ -599,8 +662,9 @@ def check(model_path: str | os.PathLike, *, verify_payloads: bool = True, max_bl
         for index, blob in enumerate(scope.blobs):
             status = BlobStatus(name, index, blob)
             report.blobs.append(status)
-            if blob.backend not in KNOWN_BACKENDS:
-                status.error = f"unknown backend {blob.backend!r} (known: {', '.join(KNOWN_BACKENDS)})"
+            if not is_known_backend(blob.backend):
+                status.error = (f"unknown backend {blob.backend!r} (known: {', '.join(KNOWN_BACKENDS)}, "
+                                f"{EP_PREFIX}<provider>)")
                 continue
             try:
                 if verify_payloads:
@@ -614,8 +678,11 @@ def check(model_path: str | os.PathLike, *, verify_payloads: bool = True, max_bl
     return report
 
 
-def scope_problem(model, name: str, scope: Scope, nodes: list, base_dir) -> str | None:
-    """Why the manifest's entry for scope ``name`` does not describe the graph, or None."""
+def scope_problem(model, name: str, scope: Scope, nodes: list, base_dir, *, cache=None,
+                  model_identity: list | None = None) -> str | None:
+    """Why the manifest's entry for scope ``name`` does not describe the graph, or None.  With a
+    ``cache.HashCache`` and the identity of the file ``model`` was read from (unchanged while it
+    was read), a content hash computed before from the same files is taken from the cache."""
     if not nodes:
         return "no node carries it"
     if len(nodes) != scope.nodes:
@@ -627,7 +694,7 @@ def scope_problem(model, name: str, scope: Scope, nodes: list, base_dir) -> str 
     if not is_convex(model, nodes):
         return "not convex: a path leaves the scope and comes back"
     try:
-        actual = content_hash(model, nodes, base_dir)
+        actual = cached_content_hash(model, name, nodes, base_dir, cache, model_identity)
     except (OSError, ValueError) as error:
         return f"cannot hash: {error}"
     if actual != scope.hash:

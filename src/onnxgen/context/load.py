@@ -10,6 +10,9 @@ declared size and sha256, and that loads.  Each scope with a blob is one step; a
 dependencies allow, on onnxgen's kernels.  A blob that fails when it runs is replaced by its
 scope's original nodes for that run and every later one, with a warning.  Nothing falls back
 silently: every skipped blob is a ContextWarning and a line of ``Session.plan``.
+
+Hashes verified by an earlier load of the same unchanged files are taken from the cache of
+verified hashes (cache.py); a changed file is always hashed again.
 """
 
 from __future__ import annotations
@@ -24,10 +27,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .backends import BACKENDS, backend_problem, ort_runner, ort_session
-from .format import (MAX_BLOB_BYTES, ContextError, ContextWarning, hardware_problem, load_model, read_manifest,
-                     read_payload, scope_nodes, scope_problem)
+from .backends import BACKENDS, backend_for, backend_problem, ort_runner, ort_session
+from .cache import HashCache, file_identity
+from .format import (EP_PREFIX, MAX_BLOB_BYTES, ContextError, ContextWarning, hardware_problem, is_known_backend,
+                     load_model, read_manifest, read_payload, scope_nodes, scope_problem)
 from .partition import Step, plan_steps, submodel, value_types
+
+
+# In ``backends``: every blob of an onnxruntime execution provider (imported from an EPContext model).
+EP_FAMILY = "onnxruntime-ep"
 
 
 @dataclass
@@ -43,8 +51,10 @@ class Choice:
 class Session:
     """A planned model: ``run(output_names, feeds)`` like onnxruntime's InferenceSession."""
 
-    def __init__(self, model, base_dir: Path, steps: list[Step], choices: dict[str, Choice], types, threads):
+    def __init__(self, model, base_dir: Path, steps: list[Step], choices: dict[str, Choice], types, threads,
+                 verification: dict | None = None):
         self.model = model
+        self.verification = verification  # hashes computed and taken from the cache (None: no cache)
         self.base_dir = base_dir
         self.steps = steps
         self.choices = choices
@@ -95,20 +105,36 @@ def _original_runner(model, step: Step, types, base_dir, threads):
 
 
 def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *, allow_native_code: bool = False,
-         strict: bool = False, max_blob_bytes: int = MAX_BLOB_BYTES, threads: int | None = None) -> Session:
+         strict: bool = False, max_blob_bytes: int = MAX_BLOB_BYTES, threads: int | None = None,
+         hash_cache: bool = True) -> Session:
     """Plan and prepare ``model_path``'s run (see the module docstring).
 
     ``backends``: the backends whose blobs may be used, in order of preference (default: every
-    known backend); ``allow_native_code``: let blobs that are shared libraries be loaded;
-    ``strict``: raise ContextError instead of falling back when the manifest or a scope is invalid.
+    known backend; ``"onnxruntime-ep"`` stands for every ``onnxruntime-ep:<provider>``);
+    ``allow_native_code``: let blobs that are shared libraries be loaded;
+    ``strict``: raise ContextError instead of falling back when the manifest or a scope is invalid;
+    ``hash_cache``: take hashes verified before from files unchanged since (``cache.HashCache``;
+    False: compute every hash).  ``Session.verification`` counts hashes computed and cached.
     """
     model_path = Path(model_path)
     base_dir = model_path.parent
+    cache = HashCache() if hash_cache else None
+    model_identity = file_identity(model_path) if cache is not None else None
     model = load_model(model_path)
-    wanted = list(BACKENDS) if backends is None else list(backends)
-    unknown = [b for b in wanted if b not in BACKENDS]
+    if model_identity is not None and file_identity(model_path) != model_identity:
+        model_identity = None  # changed while read: no cached scope hash for this load
+    wanted = list(BACKENDS) + [EP_FAMILY] if backends is None else list(backends)
+    unknown = [b for b in wanted if not (is_known_backend(b) or b == EP_FAMILY)]
     if unknown:
-        raise ValueError(f"unknown backends {unknown} (known: {', '.join(BACKENDS)})")
+        raise ValueError(f"unknown backends {unknown} (known: {', '.join(BACKENDS)}, {EP_FAMILY}, "
+                         f"{EP_PREFIX}<provider>)")
+
+    def rank(backend: str) -> int | None:  # preference of a blob's backend; None: not requested
+        if backend in wanted:
+            return wanted.index(backend)
+        if backend.startswith(EP_PREFIX) and EP_FAMILY in wanted:
+            return wanted.index(EP_FAMILY)
+        return None
 
     def refuse(message):
         if strict:
@@ -133,15 +159,17 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
     for name, scope in (manifest.scopes.items() if manifest else ()):
         choice = choices[name] = Choice(name, "original")
         for blob in scope.blobs:
-            if blob.backend not in BACKENDS:
+            if not is_known_backend(blob.backend):
                 choice.skipped.append(f"{blob.backend}: unknown backend")
                 warnings.warn(f"scope {name!r}: blob of unknown backend {blob.backend!r} ignored", ContextWarning,
                               stacklevel=2)
-        blobs = sorted((b for b in scope.blobs if b.backend in wanted), key=lambda b: wanted.index(b.backend))
+        blobs = sorted((b for b in scope.blobs if is_known_backend(b.backend) and rank(b.backend) is not None),
+                       key=lambda b: rank(b.backend))
         if not blobs:
             choice.skipped.append("no blob for the requested backends")
             continue
-        problem = scope_problem(model, name, scope, groups.get(name, []), base_dir)
+        problem = scope_problem(model, name, scope, groups.get(name, []), base_dir, cache=cache,
+                                model_identity=model_identity)
         if problem:
             refuse(f"scope {name!r}: {problem}; running its original nodes")
             choice.skipped.append(problem)
@@ -153,12 +181,13 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
             start = time.perf_counter()
             if reason is None:
                 try:
-                    payload = read_payload(blob, base_dir, max_bytes=max_blob_bytes)
+                    payload = read_payload(blob, base_dir, max_bytes=max_blob_bytes, cache=cache)
                     sub = None
                     if blob.backend == "onnxgen-kernels":
                         sub = submodel(model, groups[name], scope.inputs, scope.outputs, types(), base_dir)
-                    runners[name] = BACKENDS[blob.backend].load(payload, blob, scope.inputs, scope.outputs,
-                                                                sub=sub, allow_native_code=allow_native_code)
+                    runners[name] = backend_for(blob.backend).load(payload, blob, scope.inputs, scope.outputs,
+                                                                   sub=sub, allow_native_code=allow_native_code,
+                                                                   types=types)
                     choice.runner = blob.backend
                     choice.load_seconds = time.perf_counter() - start
                     break
@@ -166,12 +195,16 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
                     reason = f"{type(error).__name__}: {error}"
             choice.skipped.append(f"{blob.backend}: {reason}")
             warnings.warn(f"scope {name!r}: {blob.backend} blob not used ({reason})", ContextWarning, stacklevel=2)
+    verification = None
+    if cache is not None:
+        cache.save()
+        verification = {"computed": cache.computed, "cached": cache.cached}
     if not runners:  # no blob runs: the plain model, as one session, exactly as without a context
         full = onnx.load(str(model_path))
         inputs = [i.name for i in full.graph.input if i.name not in {t.name for t in full.graph.initializer}]
         step = Step(list(model.graph.node), inputs, [o.name for o in model.graph.output],
                     runner=ort_runner(ort_session(full, threads=threads)), label=",".join(sorted(choices)))
-        return Session(model, base_dir, [step], choices, types, threads)
+        return Session(model, base_dir, [step], choices, types, threads, verification)
     isolated = {name: groups[name] for name in runners}
     steps = plan_steps(model, isolated)
     for step in steps:
@@ -180,7 +213,7 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
         else:
             step.label = ",".join(sorted({s for n in step.nodes for s in [_scope(n)] if s}))
             step.runner = _original_runner(model, step, types(), base_dir, threads)
-    return Session(model, base_dir, steps, choices, types, threads)
+    return Session(model, base_dir, steps, choices, types, threads, verification)
 
 
 def _scope(node) -> str | None:
