@@ -63,11 +63,10 @@ def test_prefill_and_decode_match_transformers(exported, rng):
     assert_prefill_and_decode_match(model, hf, rng, what=form)
 
 
+@pytest.mark.parametrize("exported", ["attention23"], indirect=True)  # one form is enough here
 def test_all_logits_and_expanded_path(exported, rng):
     """all_logits=True: one row per new token; run through the expansion pass (no kernels)."""
     form, hf, source = exported
-    if form != "attention23":
-        pytest.skip("one form is enough for this path")
     model = paged(source, all_logits=True)
     prompts = [list(map(int, rng.integers(0, 97, n))) for n in (4, 2)]
     logits = PagedRunner(model, 8, 2, use_kernels=False).step(prompts, [0, 0])
@@ -86,10 +85,9 @@ def _rename_input(model: onnx.ModelProto, old: str, new: str) -> onnx.ModelProto
     return model
 
 
+@pytest.mark.parametrize("exported", ["matmul_softmax"], indirect=True)  # one form is enough here
 def test_unsupported_graphs_are_clear_errors(exported):
     form, _, source = exported
-    if form != "matmul_softmax":
-        pytest.skip("one form is enough for the errors")
     with pytest.raises(PagedConversionError, match="layer 0 has a past value but no past key"):
         paged(_rename_input(source, "past_key_values.0.key", "k0"))
     no_past = source
@@ -114,10 +112,9 @@ def test_unsupported_graphs_are_clear_errors(exported):
         paged(bidirectional)
 
 
+@pytest.mark.parametrize("exported", ["attention23"], indirect=True)  # one form is enough here
 def test_cli_convert(exported, tmp_path):
     form, _, source = exported
-    if form != "attention23":
-        pytest.skip("one form is enough for the command")
     from onnxgen.cli import main
 
     onnx.save(source, tmp_path / "decoder.onnx")
@@ -129,12 +126,11 @@ def test_cli_convert(exported, tmp_path):
     assert main(["convert", str(tmp_path / "paged.onnx"), str(tmp_path / "again.onnx")]) == 2  # no past inputs
 
 
+@pytest.mark.parametrize("exported", ["attention23"], indirect=True)  # one form is enough here
 def test_converted_model_folder_serves_like_transformers(exported, tmp_path, rng):
     """onnxgen convert to a folder (onnxgen.json from the signature and the source's config): the
     engine's greedy tokens for a batch of prompts equal transformers' generate."""
     form, hf, source = exported
-    if form != "attention23":
-        pytest.skip("one form is enough for the engine")
     from hf_models import assert_greedy_matches
     from onnxgen.cli import main
     from onnxgen.engine import LLMEngine, SamplingParams
