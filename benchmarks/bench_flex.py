@@ -21,6 +21,14 @@ Implementations:
                outside the window;
   plain        the kernel, causal, no score_mod: the floor.
 
+Non-paged ``ai.onnx.preview.FlexAttention`` (mods lifted by ``flex_score_mod``, Q/K/V
+``[B, H, L, D]``; decode: batch 4 x 1 query over 2048 keys with softcap / ALiBi, no masks since
+the query sits at q_idx 0; prefill: 1024 tokens with causal softcap+window, ALiBi+causal, causal):
+
+  flex kernel    onnxgen.backends.ort.session: the node rewritten to the kernel
+                 (passes.flex_kernel; the final causal/window Where also sets is_causal/window);
+  flex expanded  the node's expansion on stock onnxruntime (materialised [B, H, L, S] scores).
+
     python benchmarks/bench_flex.py           # full sizes (a minute or two)
     python benchmarks/bench_flex.py --quick   # small sizes, a smoke test
 """
@@ -88,7 +96,12 @@ def timed(model, inputs, rounds, use_kernels=True):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["paged", "flex"], help="run one part")
     args = parser.parse_args(argv)
+    if args.only != "paged":
+        main_flex(args.quick)
+    if args.only == "flex":
+        return
     heads, kv_heads, head_size = (8, 2, 64) if args.quick else (32, 8, 128)
     rng = np.random.default_rng(0)
     cases = {
@@ -118,6 +131,57 @@ def main(argv=None):
             for impl, t, out in rows:
                 diff = f"{np.abs(out - want).max():.1e}" if out is not None else "-"
                 print(f"{case:8} {mod_name:15} {impl:11} {t * 1e3:10.2f} {t / compiled_t:11.2f}x {diff:>10}")
+
+
+def flex_model(score_mod, q_heads, kv_heads, head_size):
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = ("Q", "K", "V")
+    node = helper.make_node("FlexAttention", list(names), ["Y"], domain="ai.onnx.preview", score_mod=score_mod)
+    heads = (q_heads, kv_heads, kv_heads)
+    graph = helper.make_graph(
+        [node], "flex",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None, h, None, head_size]) for n, h in zip(names, heads)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 25), helper.make_opsetid("ai.onnx.preview", 1)])
+
+
+def timed_flex(model, feeds, rounds, use_kernels=True):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = session(model, threads=2, use_kernels=use_kernels)
+    out = s.run(feeds)["Y"]
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        s.run(feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main_flex(quick: bool):
+    heads, kv_heads, head_size = (8, 2, 64) if quick else (32, 8, 128)
+    rng = np.random.default_rng(1)
+    cases = {"decode": (4, 1, 256 if quick else 2048), "prefill": (1, 128 if quick else 1024, 128 if quick else 1024)}
+    # decode: one query at q_idx 0, so no causal masks there (they would leave it one key)
+    mods = {"decode": {"softcap": sm.softcap(50.0), "alibi": sm.alibi(heads)},
+            "prefill": {"softcap+window": sm.compose(sm.softcap(50.0), sm.sliding_window(256)),
+                        "alibi+causal": sm.compose(sm.alibi(heads), sm.causal()), "causal": sm.causal()}}
+    rounds, slow_rounds = (5, 2) if quick else (10, 2)
+    print(f"\nnon-paged FlexAttention\n{'case':8} {'mod':15} {'impl':14} {'median ms':>10} {'vs kernel':>10} "
+          f"{'max|diff|':>10}")
+    for case, (batch, q_len, kv_len) in cases.items():
+        feeds = {"Q": rng.standard_normal((batch, heads, q_len, head_size), np.float32),
+                 "K": rng.standard_normal((batch, kv_heads, kv_len, head_size), np.float32),
+                 "V": rng.standard_normal((batch, kv_heads, kv_len, head_size), np.float32)}
+        for mod_name, mod in mods[case].items():
+            model = flex_model(sm.flex_score_mod(mod), heads, kv_heads, head_size)
+            fast_t, want = timed_flex(model, feeds, rounds)
+            slow_t, got = timed_flex(model, feeds, slow_rounds, use_kernels=False)
+            for impl, t, out in (("flex kernel", fast_t, want), ("flex expanded", slow_t, got)):
+                diff = np.nanmax(np.abs(out - want))
+                print(f"{case:8} {mod_name:15} {impl:14} {t * 1e3:10.2f} {t / fast_t:9.2f}x {diff:10.1e}")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ scores and every index tensor of the ``score_mod`` graph.  Where the node's whol
 program (``passes.compile_score_mod``), the node becomes one PagedAttention run by the kernel:
 
 - queries ``[B, Hq, L, D]`` -> ``[B*L, Hq*D]``, ``B`` sequences of ``L`` rows each;
-- ``K``/``V`` ``[B, Hkv, S, D]`` -> ``[B, S, Hkv, D]``: a cache of one block of ``S`` positions
-  per sequence (block table ``[[0], [1], …]``, ``past_seqlens = S``), read in place;
-- the kernel's private ``cache_only=1``: attention over the cache only, query positions from 0
-  (``q_pos = q_idx``), no new keys, nothing written;
+- ``K``/``V`` ``[B, Hkv, S, D]`` as they are: a heads-first cache of one block of ``S``
+  positions per sequence (block table ``[[0], [1], …]``, ``past_seqlens = S``), read in place;
+- the kernel's private ``cache_only=1``: caches heads first, attention over the cache only,
+  query positions from 0 (``q_pos = q_idx``), no new keys, nothing written;
 - ``score_program``/``score_constants`` from the pointwise graph, ``is_causal=0`` unless the
   graph's last op is ``Where(keep, x, -inf)`` with ``kv <= q`` among ``keep``'s conjuncts
   (then ``is_causal=1`` too, and ``kv >= q - W`` gives ``local_window_size=W``: same result,
@@ -184,8 +184,6 @@ def _rewrite(node: onnx.NodeProto, infos, index: int):
     past = w.op("Slice", k_shape, i64([2]), i64([3]))     # [1]
     batch_scalar = w.op("Squeeze", batch, i64([0]))
     queries = w.op("Reshape", w.op("Transpose", q, perm=[0, 2, 1, 3]), i64([-1, heads * head_size]))
-    key_cache = w.op("Transpose", k, perm=[0, 2, 1, 3])
-    value_cache = w.op("Transpose", v, perm=[0, 2, 1, 3])
     no_key = w.const(np.zeros((0, kv_heads * head_size), dtype))
     no_value = w.const(np.zeros((0, kv_heads * v_head_size), dtype))
     zero, one = i64(0), i64(1)
@@ -200,7 +198,7 @@ def _rewrite(node: onnx.NodeProto, infos, index: int):
         paged_attrs[PROGRAM_ATTR] = program.program.tolist()
         if program.constants.size:
             paged_attrs[CONSTANTS_ATTR] = program.constants.tolist()
-    flat = w.op("PagedAttention", queries, no_key, no_value, key_cache, value_cache, cu, past_seqlens, table,
+    flat = w.op("PagedAttention", queries, no_key, no_value, k, v, cu, past_seqlens, table,
                 outputs=[w.name("output"), w.name("key_cache_unused"), w.name("value_cache_unused")], domain=DOMAIN,
                 **paged_attrs)[0]
     shape = w.op("Concat", batch, length, i64([heads, v_head_size]), axis=0)

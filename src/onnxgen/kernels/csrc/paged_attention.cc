@@ -8,9 +8,11 @@
 // are written at their slots (in place when onnxruntime binds the output to the input buffer).
 //
 // Private attribute `cache_only` (set by onnxgen.passes.flex_kernel for non-paged FlexAttention,
-// never in a model file): attention over cache[0:past] only, with query positions counted from 0
-// (q_pos = row, as FlexAttention's q_idx); the key/value inputs may have no rows, nothing is
-// written and the cache outputs are left unwritten (the rewritten graph does not read them).
+// never in a model file): the caches are FlexAttention's K/V as they are, heads first
+// ([num_blocks, kv_heads, block_size, head_size], one block per sequence), attention is over
+// cache[0:past] only, with query positions counted from 0 (q_pos = row, as FlexAttention's
+// q_idx); the key/value inputs may have no rows, nothing is written and the cache outputs are
+// left unwritten (the rewritten graph does not read them).
 // Blocks longer than kMaxSegment positions are walked in pieces of kMaxSegment.
 #include <algorithm>
 #include <cmath>
@@ -42,12 +44,15 @@ struct Problem {
   Input query, key, value, key_cache, value_cache, cu, past, table, slots, sink;
 };
 
-// A run of consecutive logical positions whose K/V rows share one layout: [count][kv_heads][D].
+// A run of consecutive logical positions: key row (token t, KV head h) at
+// key + (t * k_token + h * k_head) elements ([count][kv_heads][D]: k_token = kv_heads * D,
+// k_head = D; heads first: k_token = D, k_head = block_size * D), values alike.
 struct Segment {
   const void* key;
   const void* value;
   DType type;
   int64_t first_position, count;
+  int64_t k_token, k_head, v_token, v_head;
 };
 
 struct WorkItem {
@@ -78,20 +83,23 @@ Problem check(Ort::KernelContext& ctx, const Attributes& a) {
   if (p.value_cache.type != p.key_cache.type) fail(kOp, "key_cache and value_cache must share one element type");
 
   p.heads = a.num_heads, p.kv_heads = a.kv_num_heads, p.group = a.num_heads / a.kv_num_heads;
+  p.cache_only = a.cache_only != 0;
   p.tokens = p.query.dim(0);
   if (p.query.dim(1) % p.heads) fail(kOp, "query width ", p.query.dim(1), " is not a multiple of num_heads=", p.heads);
   p.head_size = p.query.dim(1) / p.heads;
   p.num_blocks = p.key_cache.dim(0), p.block_size = p.key_cache.dim(1);
   p.v_head_size = p.value_cache.dim(3);
-  p.cache_only = a.cache_only != 0;
   const int64_t kv_rows = p.cache_only ? p.key.dim(0) : p.tokens;  // cache_only: no rows, or ignored ones
   if (p.key.shape != std::vector<int64_t>{kv_rows, p.kv_heads * p.head_size})
     fail(kOp, "key has shape ", shape_str(p.key.shape), "; expected [", p.tokens, ", kv_num_heads * head_size = ",
          p.kv_heads * p.head_size, "]");
-  if (p.key_cache.dim(2) != p.kv_heads || p.key_cache.dim(3) != p.head_size)
+  const int a_block = p.cache_only ? 2 : 1, a_heads = p.cache_only ? 1 : 2;  // heads first in cache_only
+  p.block_size = p.key_cache.dim(a_block);
+  if (p.key_cache.dim(a_heads) != p.kv_heads || p.key_cache.dim(3) != p.head_size)
     fail(kOp, "key_cache has shape ", shape_str(p.key_cache.shape), "; expected [num_blocks, block_size, ",
          p.kv_heads, ", ", p.head_size, "]");
-  if (p.value_cache.dim(0) != p.num_blocks || p.value_cache.dim(1) != p.block_size || p.value_cache.dim(2) != p.kv_heads)
+  if (p.value_cache.dim(0) != p.num_blocks || p.value_cache.dim(a_block) != p.block_size ||
+      p.value_cache.dim(a_heads) != p.kv_heads)
     fail(kOp, "value_cache has shape ", shape_str(p.value_cache.shape), "; expected [", p.num_blocks, ", ",
          p.block_size, ", ", p.kv_heads, ", v_head_size]");
   if (p.value.shape != std::vector<int64_t>{kv_rows, p.kv_heads * p.v_head_size})
@@ -153,21 +161,24 @@ std::vector<Segment> segments_of(const Problem& p, int64_t b) {
   const int64_t k_row = p.kv_heads * p.head_size, v_row = p.kv_heads * p.v_head_size;
   const size_t cache_bytes = dtype_size(p.cache_type), input_bytes = dtype_size(p.qkv_type);
   std::vector<Segment> out;
-  for (int64_t pos = 0; pos < past; pos += p.block_size) {
-    const int64_t block = p.table.as<int32_t>()[b * p.max_blocks + pos / p.block_size];
-    const int64_t count = std::min(p.block_size, past - pos);
-    for (int64_t o = 0; o < count; o += p.segment) {  // pieces of a long block: contiguous rows
-      const int64_t row = block * p.block_size + o;
-      const char* k = static_cast<const char*>(p.key_cache.data) + size_t(row * k_row) * cache_bytes;
-      const char* v = static_cast<const char*>(p.value_cache.data) + size_t(row * v_row) * cache_bytes;
-      out.push_back({k, v, p.cache_type, pos + o, std::min(p.segment, count - o)});
+  const int64_t D = p.head_size, Dv = p.v_head_size, bs = p.block_size;
+  // Strides of the cache rows (token, KV head), in elements; the new tokens are token-major.
+  const int64_t kt = p.cache_only ? D : k_row, kh = p.cache_only ? bs * D : D;
+  const int64_t vt = p.cache_only ? Dv : v_row, vh = p.cache_only ? bs * Dv : Dv;
+  for (int64_t pos = 0; pos < past; pos += bs) {
+    const int64_t block = p.table.as<int32_t>()[b * p.max_blocks + pos / bs];
+    const int64_t count = std::min(bs, past - pos);
+    for (int64_t o = 0; o < count; o += p.segment) {  // pieces of a long block
+      const char* k = static_cast<const char*>(p.key_cache.data) + size_t(block * bs * k_row + o * kt) * cache_bytes;
+      const char* v = static_cast<const char*>(p.value_cache.data) + size_t(block * bs * v_row + o * vt) * cache_bytes;
+      out.push_back({k, v, p.cache_type, pos + o, std::min(p.segment, count - o), kt, kh, vt, vh});
     }
   }
   if (p.cache_only) return out;
   for (int64_t t = begin; t < end; t += p.segment) {
     const char* k = static_cast<const char*>(p.key.data) + size_t(t * k_row) * input_bytes;
     const char* v = static_cast<const char*>(p.value.data) + size_t(t * v_row) * input_bytes;
-    out.push_back({k, v, p.qkv_type, past + (t - begin), std::min(p.segment, end - t)});
+    out.push_back({k, v, p.qkv_type, past + (t - begin), std::min(p.segment, end - t), k_row, D, v_row, Dv});
   }
   return out;
 }
@@ -241,8 +252,15 @@ class Attention {
       if (s >= item.segment_end) return;
       const Segment& next = segments[size_t(s)];
       const size_t width = dtype_size(next.type);
-      prefetch(next.key, size_t(next.count) * k_bytes / size_t(bs) * width);
-      prefetch(next.value, size_t(next.count) * v_bytes / size_t(bs) * width);
+      if (next.k_head == D && next.v_head == Dv) {  // token-major: one run of rows
+        prefetch(next.key, size_t(next.count) * k_bytes / size_t(bs) * width);
+        prefetch(next.value, size_t(next.count) * v_bytes / size_t(bs) * width);
+      } else {
+        for (int64_t h = 0; h < Hkv; ++h) {
+          prefetch(static_cast<const char*>(next.key) + size_t(h * next.k_head) * width, size_t(next.count * D) * width);
+          prefetch(static_cast<const char*>(next.value) + size_t(h * next.v_head) * width, size_t(next.count * Dv) * width);
+        }
+      }
     };
     for (int64_t s = item.segment_begin + 1; s < item.segment_begin + ahead; ++s) prefetch_segment(s);
     for (int64_t s = item.segment_begin; s < item.segment_end; ++s) {
@@ -255,7 +273,8 @@ class Attention {
         for (int64_t h = 0; h < Hkv; ++h) {
           for (int64_t c = 0; c < n; c += 16) {
             const int64_t m = std::min<int64_t>(16, n - c);
-            transpose(static_cast<const char*>(seg.key) + size_t((c * Hkv + h) * D) * width, Hkv * D, m, D, kt.data());
+            transpose(static_cast<const char*>(seg.key) + size_t(c * seg.k_token + h * seg.k_head) * width, seg.k_token, m,
+                      D, kt.data());
             for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(head_of[size_t(h * rows * G + v)] * bs + c)];
             scores_tile(&queries[size_t(h * rows * G)], rows * G, kt.data(), D, score_rows.data(), m);
           }
@@ -269,18 +288,18 @@ class Attention {
           const float* qs = halves ? q_split.data() : q.data();
           for (; t + 4 <= n; t += 4)
             for (int64_t h = 0; h < Hkv; ++h) {
-              const void* krows = static_cast<const char*>(seg.key) + size_t((t * Hkv + h) * D) * width;
+              const void* krows = static_cast<const char*>(seg.key) + size_t(t * seg.k_token + h * seg.k_head) * width;
               for (int64_t r = 0; r < rows; ++r)
                 for (int64_t g = 0; g < G; g += 4) {
                   const int64_t i = r * H + h * G + g;
-                  dots4x4(&qs[size_t(i * D)], krows, Hkv * D, D, &scores[size_t(i * bs + t)], bs);
+                  dots4x4(&qs[size_t(i * D)], krows, seg.k_token, D, &scores[size_t(i * bs + t)], bs);
                 }
             }
         }
         // Scores, in the segment's memory order: token, KV head, then the queries that read it.
         for (; t < n; ++t)
           for (int64_t h = 0; h < Hkv; ++h) {
-            const void* krow = static_cast<const char*>(seg.key) + size_t((t * Hkv + h) * D) * width;
+            const void* krow = static_cast<const char*>(seg.key) + size_t(t * seg.k_token + h * seg.k_head) * width;
             for (int64_t r = 0; r < rows; ++r)  // the G query heads of KV head h read this row
               dots(&q[size_t((r * H + h * G) * D)], G, krow, D, &scores[size_t((r * H + h * G) * bs + t)], bs);
           }
@@ -317,7 +336,7 @@ class Attention {
             prob_rows[size_t(v)] = &scores[size_t(i * bs)];
             acc_rows[size_t(v)] = state.acc(i);
           }
-          weigh(prob_rows.data(), rows * G, static_cast<const char*>(seg.value) + size_t(h * Dv) * width, Hkv * Dv, n,
+          weigh(prob_rows.data(), rows * G, static_cast<const char*>(seg.value) + size_t(h * seg.v_head) * width, seg.v_token, n,
                 Dv, acc_rows.data());
         }
         continue;
@@ -325,7 +344,7 @@ class Attention {
       const AxpyFn axpy_row = axpy_for(seg.type);
       for (int64_t t = 0; t < n; ++t)
         for (int64_t h = 0; h < Hkv; ++h) {
-          const void* vrow = static_cast<const char*>(seg.value) + size_t((t * Hkv + h) * Dv) * width;
+          const void* vrow = static_cast<const char*>(seg.value) + size_t(t * seg.v_token + h * seg.v_head) * width;
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t g = 0; g < G; ++g) {
               const int64_t i = r * H + h * G + g;
