@@ -23,6 +23,10 @@ INF = float("inf")
 
 
 def _flex(*args, **kwargs):
+    # Eager flex_attention traces score_mod through dynamo and caches the trace by the function's
+    # code: a later closure of the same builder with other captured tables (document ids,
+    # prefixes) could reuse a stale one.  Start every oracle call from an empty cache.
+    torch._dynamo.reset()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "flex_attention called without torch.compile()"
         return flex_attention(*args, **kwargs)
