@@ -134,3 +134,24 @@ def test_rewrite_is_kernel_only(rng):
     with pytest.raises(onnx.checker.ValidationError, match="cache_only"):
         onnx.checker.check_model(rewritten)
     onnx.checker.check_model(model)  # the model itself is untouched
+
+
+def test_vector_tanh_exp_sigmoid_match_numpy(rng):
+    """The interpreter's 8-lane tanh/exp/sigmoid (polynomials) against numpy, through attention
+    outputs: scores spread over [-40, 40] so every branch (small/large |x|) is taken."""
+    feeds = random_qkv(rng, 1, 2, 2, 16, 40)
+    feeds["Q"] *= 12.0
+    g = sm._Graph("transcendental")
+    x = g.op("Tanh", g.op("Mul", "score", g.const(0.3, np.float32)))
+    y = g.op("Exp", g.op("Div", "score", g.const(8.0, np.float32)))
+    z = g.op("Sigmoid", "score")
+    mod = g.finish(g.op("Add", g.op("Add", g.op("Mul", x, g.const(4.0, np.float32)), g.op("Log", y)), z))
+    model = flex_model(sm.flex_score_mod(mod), 2, 2)
+    assert kernel_ops(model) == ["PagedAttention"]
+    q, k, v = (feeds[n].astype(np.float64) for n in "QKV")
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(8)
+    s = 4 * np.tanh(0.3 * s) + s / 8 + 1 / (1 + np.exp(-s))
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = (p / p.sum(-1, keepdims=True)) @ v
+    assert np.abs(q @ k.transpose(0, 1, 3, 2) / np.sqrt(8)).max() > 20
+    np.testing.assert_allclose(run_kernel(model, feeds), want, rtol=1e-5, atol=1e-5)

@@ -35,6 +35,34 @@ enum ScoreOp : int64_t {
 
 using ScoreInt = int32_t;  // integer registers: AVX2 vectorises 32-bit lanes (and their conversions)
 
+// e^x for 8 lanes with IEEE edges: exp256's polynomial (relative error ~2e-7) inside its range,
+// +inf above it, 0 below, NaN kept.
+inline __m256 score_exp256(__m256 x) {
+  __m256 y = exp256(x);
+  y = _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), _mm256_cmp_ps(x, _mm256_set1_ps(88.72f), _CMP_GT_OQ));
+  y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps(x, _mm256_set1_ps(-87.3f), _CMP_LT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+// tanh for 8 lanes (Cephes tanhf): an odd polynomial below |x| = 0.625, 1 - 2 / (e^2|x| + 1)
+// above (±1 from |x| ~ 9 on), the sign restored; NaN kept.  Relative error ~3e-7.
+inline __m256 score_tanh256(__m256 x) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 a = _mm256_andnot_ps(sign, x);
+  const __m256 z = _mm256_mul_ps(x, x);
+  __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.06390887954e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-5.37397155531e-2f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.33314422036e-1f));
+  p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(-3.33332819422e-1f));
+  const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(p, z), x, x);
+  const __m256 e = exp256(_mm256_min_ps(_mm256_add_ps(a, a), _mm256_set1_ps(40.f)));
+  __m256 large = _mm256_sub_ps(_mm256_set1_ps(1.f), _mm256_div_ps(_mm256_set1_ps(2.f), _mm256_add_ps(e, _mm256_set1_ps(1.f))));
+  large = _mm256_or_ps(large, _mm256_and_ps(sign, x));
+  __m256 y = _mm256_blendv_ps(large, small, _mm256_cmp_ps(a, _mm256_set1_ps(0.625f), _CMP_LT_OQ));
+  return _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
 class ScoreProgram {
  public:
   static constexpr int64_t kMagic = 0x53434F52, kVersion = 1, kInputs = 5;
@@ -143,14 +171,19 @@ class ScoreProgram {
         case MAX_I: binary(I(in.a), sa, I(in.b), sb, io, len, [](ScoreInt x, ScoreInt y) { return std::max(x, y); }); break;
         case NEG_F: unary(F(in.a), sa, fo, len, [](float x) { return -x; }); break;
         case ABS_F: unary(F(in.a), sa, fo, len, [](float x) { return std::fabs(x); }); break;
-        case TANH_F: unary(F(in.a), sa, fo, len, [](float x) { return std::tanh(x); }); break;
-        case EXP_F: unary(F(in.a), sa, fo, len, [](float x) { return std::exp(x); }); break;
+        case TANH_F: vector_unary(F(in.a), sa, fo, len, score_tanh256, [](float x) { return std::tanh(x); }); break;
+        case EXP_F: vector_unary(F(in.a), sa, fo, len, score_exp256, [](float x) { return std::exp(x); }); break;
+        case SIGMOID_F:
+          vector_unary(F(in.a), sa, fo, len, [](__m256 x) {
+            const __m256 one = _mm256_set1_ps(1.f);
+            return _mm256_div_ps(one, _mm256_add_ps(one, score_exp256(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+          }, [](float x) { return 1.f / (1.f + std::exp(-x)); });
+          break;
         case LOG_F: unary(F(in.a), sa, fo, len, [](float x) { return std::log(x); }); break;
         case SQRT_F: unary(F(in.a), sa, fo, len, [](float x) { return std::sqrt(x); }); break;
         case FLOOR_F: unary(F(in.a), sa, fo, len, [](float x) { return std::floor(x); }); break;
         case CEIL_F: unary(F(in.a), sa, fo, len, [](float x) { return std::ceil(x); }); break;
         case RECIP_F: unary(F(in.a), sa, fo, len, [](float x) { return 1.f / x; }); break;
-        case SIGMOID_F: unary(F(in.a), sa, fo, len, [](float x) { return 1.f / (1.f + std::exp(-x)); }); break;
         case RELU_F: unary(F(in.a), sa, fo, len, [](float x) { return x > 0.f ? x : (std::isnan(x) ? x : 0.f); }); break;
         case NEG_I: unary(I(in.a), sa, io, len, [](ScoreInt x) { return -x; }); break;
         case ABS_I: unary(I(in.a), sa, io, len, [](ScoreInt x) { return x < 0 ? -x : x; }); break;
@@ -239,6 +272,14 @@ class ScoreProgram {
   static void unary(const A* a, int64_t sa, O* out, int64_t n, Fn f) {
     if (sa) for (int64_t t = 0; t < n; ++t) out[t] = f(a[t]);
     else { const O v = f(a[0]); for (int64_t t = 0; t < n; ++t) out[t] = v; }
+  }
+  // Float -> float with an 8-lane version `v` of `f` (the tail and uniform operands use `f`).
+  template <typename V, typename Fn>
+  static void vector_unary(const float* a, int64_t sa, float* out, int64_t n, V v, Fn f) {
+    if (!sa) { const float y = f(a[0]); for (int64_t t = 0; t < n; ++t) out[t] = y; return; }
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) _mm256_storeu_ps(out + t, v(_mm256_loadu_ps(a + t)));
+    for (; t < n; ++t) out[t] = f(a[t]);
   }
   template <typename A, typename O, typename Fn>
   static void binary(const A* a, int64_t sa, const A* b, int64_t sb, O* out, int64_t n, Fn f) {
