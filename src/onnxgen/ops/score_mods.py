@@ -4,7 +4,10 @@ Each builder returns a pointwise ONNX graph ``(score, batch, head, q_pos, kv_pos
 (float32 score, int32 indices; see PagedAttention's doc) that PyTorch's ``flex_attention`` would
 write as a ``score_mod`` Python function, masks included (−inf).  ``compose`` chains mods,
 and ``flex_score_mod`` turns one into the whole-tensor ``score_mod`` of
-``ai.onnx.preview.FlexAttention`` (index tensors from Shape/Range, positions from 0)::
+``ai.onnx.preview.FlexAttention`` (index tensors from Shape/Range, positions from 0), and
+``pointwise_of`` recovers the pointwise mod from such a graph (onnxgen's session then runs the
+node on the compiled kernel).  ``onnxgen.export.flex`` writes these graphs from PyTorch
+``flex_attention`` calls (score_mod functions, BlockMask mask_mods)::
 
     from onnxgen.ops import score_mods as sm
     mod = sm.compose(sm.softcap(30.0), sm.sliding_window(4096))    # Gemma 2's local layers
