@@ -108,6 +108,17 @@ def test_no_block_mask_and_queries_shorter_than_keys():
     check(Attention(4, "relative"), qkv(2, 4, 4, 5, 19))
 
 
+def test_dynamic_sequence_length():
+    module = Attention(4, "alibi+softcap")
+    length = torch.export.Dim("L", min=2, max=4096)
+    model = flex.export(module, qkv(1, 4, 4, 8, 8), dynamic_shapes=({2: length}, {2: length}, {2: length}))
+    s = session(model)
+    for n in (8, 37, 130):
+        args = qkv(1, 4, 4, n, n, seed=n)
+        got = s.run({i.name: a.numpy() for i, a in zip(model.graph.input, args)})
+        np.testing.assert_allclose(next(iter(got.values())), module(*args).numpy(), rtol=TOL, atol=TOL)
+
+
 def test_document_mask_from_a_captured_table():
     ids = torch.tensor([[0] * 10 + [1] * 14 + [2] * 8, [0] * 30 + [1] * 2])
 

@@ -77,7 +77,6 @@ class _Scalarizer:
     """Rewrites a function body evaluated on scalar inputs into pointwise ops (see to_pointwise)."""
 
     _SAME = {"Identity", "Squeeze", "Reshape", "Flatten", "Transpose", "Expand"}
-    _SIZE1_ONLY = {"Squeeze", "Reshape", "Flatten", "Transpose", "Expand", "Unsqueeze"}
 
     def __init__(self, name: str, opset: int):
         self.g = sm._Graph(name)
