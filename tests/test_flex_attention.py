@@ -4,7 +4,8 @@ The whole-tensor score_mods are the library's pointwise mods lifted by
 ``score_mods.flex_score_mod`` (index tensors from Shape/Range/Unsqueeze, as torch.onnx writes
 them).  Three ways to run the model: onnx's own reference (its ReferenceEvaluator evaluates the
 op's context-dependent function), the expanded model on stock onnxruntime, and
-``onnxgen.backends.ort.session`` (expands the node by itself: no manual step).
+``onnxgen.backends.ort.session`` (no manual step: the pointwise score_mods run on the compiled
+kernel through passes.flex_kernel, a prob_mod is expanded; tests/test_flex_kernel.py checks which).
 Tolerances (fp32, abs and rel): 1e-5 for onnx's reference, 1e-4 on onnxruntime; fp16 5e-3.
 """
 
