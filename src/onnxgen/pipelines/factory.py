@@ -247,29 +247,51 @@ def _ov_devices() -> list[Device]:
     return [Device(d, {"full_name": core.get_property(d, "FULL_DEVICE_NAME")}) for d in core.available_devices]
 
 
+def _ov_properties(devices: Sequence[Device]) -> dict[str, Any]:
+    """OpenVINO properties for a pipeline: the device's upper-case config entries, and fp32 inference
+    unless told otherwise (on a CPU with bf16 or AMX OpenVINO's default is bf16, whose greedy tokens
+    and images are not fp32's)."""
+    config = devices[0].config if devices else {}
+    properties = {k: v for k, v in config.items() if k.isupper()}
+    properties.setdefault("INFERENCE_PRECISION_HINT", "f32")
+    return properties
+
+
 class OVGenAIText2Text:
-    """OpenVINO GenAI's LLMPipeline behind the text-to-text call (greedy by default)."""
+    """OpenVINO GenAI's LLMPipeline behind the text-to-text call (greedy by default).
+
+    A prompt is a string (encoded with the pipeline's tokenizer, special tokens added) or a list of
+    token ids; a list of those is a batch (run one by one).  ``token_ids`` are the ids the model
+    generated (``EncodedResults.tokens``), not a re-encoding of the decoded text.
+    """
 
     def __init__(self, models_path: Path, devices: Sequence[Device]):
         import openvino_genai as ov_genai
 
         self.ov_genai = ov_genai
-        self.pipeline = ov_genai.LLMPipeline(str(models_path), _device_name(devices))
+        self.pipeline = ov_genai.LLMPipeline(str(models_path), _device_name(devices), **_ov_properties(devices))
         self.tokenizer = self.pipeline.get_tokenizer()
 
-    def __call__(self, prompt: str | list[str], max_new_tokens: int = 32, **options) -> TextResults:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    def __call__(self, prompt, max_new_tokens: int = 32, **options) -> TextResults:
+        import openvino as ov
+
+        single = isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt))
+        prompts = [prompt] if single else list(prompt)
         config = self.pipeline.get_generation_config()
         config.max_new_tokens = max_new_tokens
+        config.do_sample = False
         for key, value in options.items():
             setattr(config, key, value)
         texts, ids = [], []
-        for text in prompts:
-            result = self.pipeline.generate(text, config)
-            out = str(result) if not hasattr(result, "texts") else result.texts[0]
-            texts.append(out)
-            ids.append([int(i) for i in np.asarray(self.tokenizer.encode(out, add_special_tokens=False).input_ids.data)
-                        .reshape(-1)])
+        for item in prompts:
+            if isinstance(item, str):
+                tokens = np.asarray(self.tokenizer.encode(item).input_ids.data).reshape(-1)
+            else:
+                tokens = np.asarray(item)
+            result = self.pipeline.generate(ov.Tensor(tokens.astype(np.int64).reshape(1, -1)), config)
+            new = [int(t) for t in result.tokens[0]]
+            texts.append(self.tokenizer.decode(new) if isinstance(item, str) else "")
+            ids.append(new)
         return TextResults(texts, ids)
 
 
@@ -279,7 +301,7 @@ class OVGenAIText2Image:
     def __init__(self, models_path: Path, devices: Sequence[Device]):
         import openvino_genai as ov_genai
 
-        self.pipeline = ov_genai.Text2ImagePipeline(str(models_path), _device_name(devices))
+        self.pipeline = ov_genai.Text2ImagePipeline(str(models_path), _device_name(devices), **_ov_properties(devices))
 
     def __call__(self, prompt: str, **options) -> np.ndarray:
         names = {"image_width": "width", "image_height": "height"}
