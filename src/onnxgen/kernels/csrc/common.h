@@ -410,39 +410,57 @@ ONNXGEN_AVX512 inline bool broadcast_probs(const float* const* probs, int64_t co
 }
 
 // weighted_rows for bf16 rows with dv a multiple of 32: sums kept in even/odd order, interleaved
-// back once at the end.
-ONNXGEN_AVX512 inline void weighted_rows_bf16_split(const float* const* probs, int64_t nq, const void* rows,
-                                                    int64_t row_stride, int64_t n, int64_t dv, float* const* acc) {
+// back once at the end.  Pairs (1 or 2 of 32 columns) is a template argument so the sums stay in
+// registers (see weighted_block).
+template <int Pairs>
+ONNXGEN_AVX512 inline void weighted_block_bf16_split(const float* const* probs, int64_t count, const void* rows,
+                                                     int64_t row_stride, int64_t n, int64_t c, float* const* acc) {
   const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  __m512 s[4][2 * Pairs];  // [query][even0, odd0, even1, odd1]
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v)
+#pragma GCC unroll 4
+    for (int j = 0; j < 2 * Pairs; ++j) s[v][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 b[4];
+    if (!broadcast_probs(probs, count, t, b)) continue;
+    const uint16_t* row = static_cast<const uint16_t*>(rows) + t * row_stride + c;
+#pragma GCC unroll 2
+    for (int j = 0; j < Pairs; ++j) {
+      __m512 even, odd;
+      split_bf16(row, 32 * j, even, odd);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) {
+        s[v][2 * j] = _mm512_fmadd_ps(b[v], even, s[v][2 * j]);
+        s[v][2 * j + 1] = _mm512_fmadd_ps(b[v], odd, s[v][2 * j + 1]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {
+    if (v >= count) break;
+#pragma GCC unroll 2
+    for (int j = 0; j < Pairs; ++j) {
+      float* a = acc[v] + c + 32 * j;
+      const __m512 first = _mm512_permutex2var_ps(s[v][2 * j], lo, s[v][2 * j + 1]);
+      const __m512 second = _mm512_permutex2var_ps(s[v][2 * j], hi, s[v][2 * j + 1]);
+      _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), first));
+      _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16), second));
+    }
+  }
+}
+
+ONNXGEN_AVX512 inline void weighted_rows_bf16_split(const float* const* probs, int64_t nq, const void* rows,
+                                                    int64_t row_stride, int64_t n, int64_t dv, float* const* acc) {
   for (int64_t c = 0; c < dv; c += 64) {
-    const int64_t chunks = std::min<int64_t>(64, dv - c) / 32;  // 1 or 2 pairs of even/odd sums
+    const int64_t pairs = std::min<int64_t>(64, dv - c) / 32;  // 1 or 2 pairs of even/odd sums
     for (int64_t v0 = 0; v0 < nq; v0 += 4) {
       const int64_t count = std::min<int64_t>(4, nq - v0);
-      __m512 s[4][4];  // [query][even0, odd0, even1, odd1]
-      for (auto& r : s)
-        for (auto& x : r) x = _mm512_setzero_ps();
-      for (int64_t t = 0; t < n; ++t) {
-        __m512 b[4];
-        if (!broadcast_probs(probs + v0, count, t, b)) continue;
-        const uint16_t* row = static_cast<const uint16_t*>(rows) + t * row_stride + c;
-        for (int64_t j = 0; j < chunks; ++j) {
-          __m512 even, odd;
-          split_bf16(row, 32 * j, even, odd);
-          for (int64_t v = 0; v < 4; ++v) {
-            s[v][2 * j] = _mm512_fmadd_ps(b[v], even, s[v][2 * j]);
-            s[v][2 * j + 1] = _mm512_fmadd_ps(b[v], odd, s[v][2 * j + 1]);
-          }
-        }
-      }
-      for (int64_t v = 0; v < count; ++v)
-        for (int64_t j = 0; j < chunks; ++j) {
-          float* a = acc[v0 + v] + c + 32 * j;
-          const __m512 first = _mm512_permutex2var_ps(s[v][2 * j], lo, s[v][2 * j + 1]);
-          const __m512 second = _mm512_permutex2var_ps(s[v][2 * j], hi, s[v][2 * j + 1]);
-          _mm512_storeu_ps(a, _mm512_add_ps(_mm512_loadu_ps(a), first));
-          _mm512_storeu_ps(a + 16, _mm512_add_ps(_mm512_loadu_ps(a + 16), second));
-        }
+      if (pairs == 2)
+        weighted_block_bf16_split<2>(probs + v0, count, rows, row_stride, n, c, acc + v0);
+      else
+        weighted_block_bf16_split<1>(probs + v0, count, rows, row_stride, n, c, acc + v0);
     }
   }
 }
@@ -535,33 +553,57 @@ ONNXGEN_AVX512 inline void scores_tile(const float* const* q, int64_t nq, const 
 
 // acc[v][0:dv] += sum_{t < n} probs[v][t] * row_t for nq queries: four queries x 64 columns
 // of sums held in registers, so each value row is loaded (and converted) once per four queries.
+// The column chunks are a template argument: with a run-time count GCC kept the sixteen sums on
+// the stack (a load and a store around every FMA), and the P.V product ran at half speed.
+template <DType T, int Chunks>
+ONNXGEN_AVX512 inline void weighted_block(const float* const* probs, int64_t count, const void* rows,
+                                          int64_t row_stride, int64_t n, int64_t c, __mmask16 tail,
+                                          float* const* acc) {
+  const size_t width = dtype_size(T);
+  __m512 s[4][Chunks];
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v)
+#pragma GCC unroll 4
+    for (int j = 0; j < Chunks; ++j) s[v][j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 b[4];
+    if (!broadcast_probs(probs, count, t, b)) continue;
+    const void* row = static_cast<const char*>(rows) + size_t(t * row_stride + c) * width;
+#pragma GCC unroll 4
+    for (int j = 0; j < Chunks; ++j) {
+      const __m512 x = load16<T>(row, j * 16, j + 1 < Chunks ? __mmask16(0xffff) : tail);
+#pragma GCC unroll 4
+      for (int v = 0; v < 4; ++v) s[v][j] = _mm512_fmadd_ps(b[v], x, s[v][j]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {
+    if (v >= count) break;
+#pragma GCC unroll 4
+    for (int j = 0; j < Chunks; ++j) {
+      const __mmask16 m = j + 1 < Chunks ? __mmask16(0xffff) : tail;
+      float* a = acc[v] + c + j * 16;
+      _mm512_mask_storeu_ps(a, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a), s[v][j]));
+    }
+  }
+}
+
 template <DType T>
 ONNXGEN_AVX512 void weighted_rows(const float* const* probs, int64_t nq, const void* rows, int64_t row_stride,
                                   int64_t n, int64_t dv, float* const* acc) {
-  const size_t width = dtype_size(T);
   for (int64_t c = 0; c < dv; c += 64) {
     const int64_t span = std::min<int64_t>(64, dv - c), chunks = (span + 15) / 16;
     const __mmask16 tail = __mmask16((1u << (span - (chunks - 1) * 16)) - 1);
     for (int64_t v0 = 0; v0 < nq; v0 += 4) {
       const int64_t count = std::min<int64_t>(4, nq - v0);
-      __m512 s[4][4];
-      for (auto& row : s)
-        for (auto& x : row) x = _mm512_setzero_ps();
-      for (int64_t t = 0; t < n; ++t) {
-        __m512 b[4];
-        if (!broadcast_probs(probs + v0, count, t, b)) continue;
-        const void* row = static_cast<const char*>(rows) + size_t(t * row_stride + c) * width;
-        for (int64_t j = 0; j < chunks; ++j) {
-          const __m512 x = load16<T>(row, j * 16, j + 1 < chunks ? __mmask16(0xffff) : tail);
-          for (int64_t v = 0; v < 4; ++v) s[v][j] = _mm512_fmadd_ps(b[v], x, s[v][j]);
-        }
+      const float* const* p = probs + v0;
+      float* const* a = acc + v0;
+      switch (chunks) {
+        case 4: weighted_block<T, 4>(p, count, rows, row_stride, n, c, tail, a); break;
+        case 3: weighted_block<T, 3>(p, count, rows, row_stride, n, c, tail, a); break;
+        case 2: weighted_block<T, 2>(p, count, rows, row_stride, n, c, tail, a); break;
+        default: weighted_block<T, 1>(p, count, rows, row_stride, n, c, tail, a); break;
       }
-      for (int64_t v = 0; v < count; ++v)
-        for (int64_t j = 0; j < chunks; ++j) {
-          const __mmask16 m = j + 1 < chunks ? __mmask16(0xffff) : tail;
-          float* a = acc[v0 + v] + c + j * 16;
-          _mm512_mask_storeu_ps(a, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a), s[v][j]));
-        }
     }
   }
 }
