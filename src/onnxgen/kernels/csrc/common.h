@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -187,6 +188,25 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+inline float hmax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// max(m, x[0:n]): eight lanes at a time (a scalar loop is one long chain of dependent maxes).
+inline float max_of(float m, const float* x, int64_t n) {
+  int64_t t = 0;
+  if (n >= 8) {
+    __m256 v = _mm256_set1_ps(m);
+    for (; t + 8 <= n; t += 8) v = _mm256_max_ps(v, _mm256_loadu_ps(x + t));
+    m = hmax(v);
+  }
+  for (; t < n; ++t) m = std::max(m, x[t]);
+  return m;
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
   int64_t i = 0;
@@ -238,6 +258,41 @@ inline __m256 exp256(__m256 x) {
 // ---- AVX-512 paths, chosen at run time (the build baseline is x86-64-v3) --------------------
 
 #define ONNXGEN_AVX512 __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,fma")))
+
+// exp256 on 16 lanes (the same polynomial).
+ONNXGEN_AVX512 inline __m512 exp512(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+  r = _mm512_fnmadd_ps(n, ln2_lo, r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// s[t] = e^(s[t] - m) for t in [0, n), 0 where s[t] is -inf (a key a score_mod masked); returns
+// their sum.  Sixteen lanes at a time, the tail under a mask.
+ONNXGEN_AVX512 inline float exp_sum_avx512(float* s, int64_t n, float m) {
+  const __m512 vm = _mm512_set1_ps(m), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 live = n - t >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - t)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(live, s + t);
+    const __mmask16 keep = _mm512_mask_cmp_ps_mask(live, x, neg_inf, _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(x, vm)));
+    _mm512_mask_storeu_ps(s + t, live, e);
+    total = _mm512_add_ps(total, e);
+  }
+  return _mm512_reduce_add_ps(total);
+}
 
 // ONNXGEN_NO_AVX512=1 forces the AVX2 paths (to test them on a machine that has AVX-512).
 inline bool has_avx512() {

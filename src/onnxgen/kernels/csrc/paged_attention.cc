@@ -374,7 +374,7 @@ class Attention {
     if (a_.softcap > 0.f && !modded)
       for (int64_t t = lo; t < hi; ++t) s[t] = a_.softcap * std::tanh(s[t] * scale_ / a_.softcap);
     float m = state.max(i);
-    for (int64_t t = lo; t < hi; ++t) m = std::max(m, s[t]);
+    m = max_of(m, s + lo, hi - lo);
     if (m == kNegInf) {  // everything so far masked by score_mod
       std::fill_n(s, n, 0.f);
       return false;
@@ -388,6 +388,10 @@ class Attention {
     state.max(i) = m;
     std::fill_n(s, lo, 0.f);
     std::fill(s + hi, s + n, 0.f);
+    if (has_avx512()) {
+      state.sum(i) += exp_sum_avx512(s + lo, hi - lo, m);
+      return true;
+    }
     const __m256 vm = _mm256_set1_ps(m), neg_inf = _mm256_set1_ps(kNegInf);
     __m256 total = _mm256_setzero_ps();
     int64_t t = lo;
