@@ -452,16 +452,25 @@ ONNXGEN_AVX512 inline void dots4x4_bf16_split(const float* q, const void* k, int
   store_sums4x4(a, out, out_stride);
 }
 
-// b[v] = probs[v][t] broadcast, for the `count` (<= 4) queries of a block (zeros past count);
-// false when all of them are 0 (a masked key: nothing to add).
-ONNXGEN_AVX512 inline bool broadcast_probs(const float* const* probs, int64_t count, int64_t t, __m512* b) {
-  bool any = false;
-  for (int64_t v = 0; v < 4; ++v) {
-    const float p = v < count ? probs[v][t] : 0.f;
-    any |= p != 0.f;
-    b[v] = _mm512_set1_ps(p);
+// The probability rows of a block of up to four queries (past `count`, the last row again: its
+// sums are computed and dropped), and how many leading keys any of them weighs.  Masked keys
+// have probability 0 and causal masking zeroes a suffix of the segment, so the products stop
+// there.  The inner loops then broadcast straight from memory (a load, not a shuffle competing
+// with the FMAs for a port) with no per-key test.
+struct ProbRows {
+  const float* p[4];
+  int64_t keys;
+};
+
+inline ProbRows prob_rows(const float* const* probs, int64_t count, int64_t n) {
+  ProbRows r{{}, 0};
+  for (int64_t v = 0; v < 4; ++v) r.p[v] = probs[std::min<int64_t>(v, count - 1)];
+  for (int64_t v = 0; v < count; ++v) {
+    int64_t t = n;
+    while (t > r.keys && r.p[v][t - 1] == 0.f) --t;
+    r.keys = std::max(r.keys, t);
   }
-  return any;
+  return r;
 }
 
 // weighted_rows for bf16 rows with dv a multiple of 32: sums kept in even/odd order, interleaved
@@ -477,9 +486,11 @@ ONNXGEN_AVX512 inline void weighted_block_bf16_split(const float* const* probs, 
   for (int v = 0; v < 4; ++v)
 #pragma GCC unroll 4
     for (int j = 0; j < 2 * Pairs; ++j) s[v][j] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; ++t) {
+  const ProbRows pr = prob_rows(probs, count, n);
+  for (int64_t t = 0; t < pr.keys; ++t) {
     __m512 b[4];
-    if (!broadcast_probs(probs, count, t, b)) continue;
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) b[v] = _mm512_set1_ps(pr.p[v][t]);
     const uint16_t* row = static_cast<const uint16_t*>(rows) + t * row_stride + c;
 #pragma GCC unroll 2
     for (int j = 0; j < Pairs; ++j) {
@@ -562,19 +573,50 @@ void axpy_avx2(float* y, float a, const void* x, int64_t n) {
 
 // ---- tiles for many queries per key block (prefill), AVX-512 ------------------------------
 
-// kt[d * 16 + t] = float(rows[t * row_stride + d]) for t < n (<= 16), zero for n <= t < 16.
+// r[i] = column i of the 16 x 16 matrix whose rows are r[0..15] (four rounds of shuffles).
+ONNXGEN_AVX512 inline void transpose16x16(__m512 r[16]) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+#pragma GCC unroll 2
+  for (int i = 0; i < 2; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// kt[d * 16 + t] = float(rows[t * row_stride + d]) for t < n (<= 16), zero for n <= t < 16:
+// sixteen columns at a time, transposed in registers (element-wise stores cost a quarter of
+// the score products at head size 128).
 template <DType T>
 ONNXGEN_AVX512 void transpose_rows16(const void* rows, int64_t row_stride, int64_t n, int64_t depth, float* kt) {
   const size_t width = dtype_size(T);
   for (int64_t d = 0; d < depth; d += 16) {
     const int64_t m = std::min<int64_t>(16, depth - d);
-    alignas(64) float tile[16][16] = {};
-    for (int64_t t = 0; t < n; ++t) {
-      const void* row = static_cast<const char*>(rows) + size_t(t * row_stride) * width;
-      _mm512_storeu_ps(tile[t], load16<T>(row, d, __mmask16((1u << m) - 1)));
-    }
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t t = 0; t < 16; ++t) kt[(d + i) * 16 + t] = tile[t][i];
+    __m512 r[16];
+#pragma GCC unroll 16
+    for (int64_t t = 0; t < 16; ++t)
+      r[t] = t < n ? load16<T>(static_cast<const char*>(rows) + size_t(t * row_stride) * width, d, __mmask16((1u << m) - 1))
+                   : _mm512_setzero_ps();
+    transpose16x16(r);
+    for (int64_t i = 0; i < m; ++i) _mm512_storeu_ps(kt + (d + i) * 16, r[i]);
   }
 }
 
@@ -634,9 +676,11 @@ ONNXGEN_AVX512 inline void weighted_block(const float* const* probs, int64_t cou
   for (int v = 0; v < 4; ++v)
 #pragma GCC unroll 4
     for (int j = 0; j < Chunks; ++j) s[v][j] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; ++t) {
+  const ProbRows pr = prob_rows(probs, count, n);
+  for (int64_t t = 0; t < pr.keys; ++t) {
     __m512 b[4];
-    if (!broadcast_probs(probs, count, t, b)) continue;
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) b[v] = _mm512_set1_ps(pr.p[v][t]);
     const void* row = static_cast<const char*>(rows) + size_t(t * row_stride + c) * width;
 #pragma GCC unroll 4
     for (int j = 0; j < Chunks; ++j) {
