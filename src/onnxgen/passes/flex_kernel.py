@@ -24,12 +24,17 @@ without bytecode is named in a warning.  One difference: a row that the score_mo
 completely gives 0 here (as PyTorch's flex_attention) where onnx's softmax gives NaN.
 
 This is a session-time rewrite for onnxgen's kernel library (``cache_only`` is not part of
-PagedAttention's schema); ``onnxgen.backends.ort.session`` runs it.
+PagedAttention's schema); ``onnxgen.backends.ort.session`` runs it.  It is two halves:
+``plan_rewrite`` (shape inference's sizes, the masks, the compiled program: a ``FlexPlan`` of
+plain numbers) and ``emit_rewrite`` (the nodes, from the node and its plan alone), so that
+``onnxgen.context`` can store plans in an onnxgen-kernels blob and emit them at load without
+shape inference or compilation.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -37,7 +42,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..ops.domain import DOMAIN
 from ..ops.score_mods import pointwise_of
-from .compile_score_mod import CONSTANTS_ATTR, PROGRAM_ATTR, Unsupported, compile_graph
+from .compile_score_mod import CONSTANTS_ATTR, PROGRAM_ATTR, CompiledScore, Unsupported, compile_graph
 
 FLEX_DOMAIN = "ai.onnx.preview"
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -127,13 +132,13 @@ def flex_to_kernel(model: onnx.ModelProto) -> onnx.ModelProto:
     nodes = []
     rewritten = 0
     for index, node in enumerate(out.graph.node):
-        replacement = None
+        plan = None
         if node.domain == FLEX_DOMAIN and node.op_type == "FlexAttention":
-            replacement = _rewrite(node, infos, index)
-        if replacement is None:
+            plan = plan_rewrite(node, infos)
+        if plan is None:
             nodes.append(node)
             continue
-        new_nodes, initializers = replacement
+        new_nodes, initializers = emit_rewrite(node, plan, f"flex_kernel_{index}")
         nodes.extend(new_nodes)
         out.graph.initializer.extend(initializers)
         rewritten += 1
@@ -145,16 +150,32 @@ def flex_to_kernel(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _rewrite(node: onnx.NodeProto, infos, index: int):
-    attrs = {a.name: a for a in node.attribute}
-    label = f"FlexAttention node {node.name or node.output[0]!r}"
-    if "prob_mod" in attrs or len(node.input) != 3 or not all(node.input) or len(node.output) != 1:
-        return None
-    if "softmax_precision" in attrs and attrs["softmax_precision"].i != TensorProto.FLOAT:
-        return None
+@dataclass
+class FlexPlan:
+    """What the rewrite of one FlexAttention node needs beyond the node itself: the static sizes
+    read from shape inference, the masks and the compiled score program.  Plain numbers, so a
+    plan can be stored (``onnxgen.context``'s onnxgen-kernels blobs) and emitted later without
+    shape inference or compilation."""
+
+    num_heads: int
+    head_size: int
+    kv_num_heads: int
+    v_head_size: int
+    elem_type: int
+    is_causal: int = 0
+    local_window_size: int = -1
+    program: CompiledScore | None = None
+
+
+def static_sizes(node: onnx.NodeProto, infos) -> tuple[int, int, int, int, int] | None:
+    """``(elem_type, num_heads, head_size, kv_num_heads, v_head_size)`` of a FlexAttention node
+    from the value infos of its inputs, or None when they are not all known and usable."""
     q_info, k_info, v_info = (infos.get(x) for x in node.input)
     types = {i.type.tensor_type.elem_type for i in (q_info, k_info, v_info) if i is not None}
-    if len(types) != 1 or types.pop() not in _FLOATS:
+    if len(types) != 1:
+        return None
+    elem_type = types.pop()
+    if elem_type not in _FLOATS:
         return None
     q_dims, k_dims, v_dims = _static_dims(q_info), _static_dims(k_info), _static_dims(v_info)
     if not q_dims or not k_dims or not v_dims or not (len(q_dims) == len(k_dims) == len(v_dims) == 4):
@@ -162,21 +183,53 @@ def _rewrite(node: onnx.NodeProto, infos, index: int):
     heads, head_size, kv_heads, v_head_size = q_dims[1], q_dims[3], k_dims[1], v_dims[3]
     if None in (heads, head_size, kv_heads, v_head_size) or kv_heads == 0 or heads % kv_heads:
         return None
-    program, causal, window = None, False, -1
+    return elem_type, heads, head_size, kv_heads, v_head_size
+
+
+def rewritable(node: onnx.NodeProto) -> bool:
+    """The node-level conditions of the rewrite (shapes and score_mod aside)."""
+    attrs = {a.name: a for a in node.attribute}
+    if "prob_mod" in attrs or len(node.input) != 3 or not all(node.input) or len(node.output) != 1:
+        return False
+    return "softmax_precision" not in attrs or attrs["softmax_precision"].i == TensorProto.FLOAT
+
+
+def plan_rewrite(node: onnx.NodeProto, infos, *, stacklevel: int = 4) -> FlexPlan | None:
+    """The plan for rewriting ``node`` onto the kernel, or None where it is left for the expansion
+    (warning where the score_mod has an op without bytecode)."""
+    label = f"FlexAttention node {node.name or node.output[0]!r}"
+    if not rewritable(node):
+        return None
+    sizes = static_sizes(node, infos)
+    if sizes is None:
+        return None
+    elem_type, heads, head_size, kv_heads, v_head_size = sizes
+    attrs = {a.name: a for a in node.attribute}
+    plan = FlexPlan(heads, head_size, kv_heads, v_head_size, elem_type)
     if "score_mod" in attrs:
         pointwise, _ = pointwise_of(attrs["score_mod"].g)
         if pointwise is None:
             return None
         try:
-            program = compile_graph(pointwise, label)
+            plan.program = compile_graph(pointwise, label)
         except Unsupported as reason:
             warnings.warn(f"{label}: score_mod uses {reason}, which onnxgen's kernel cannot run compiled; "
-                          "this node runs expanded (slow)", stacklevel=4)
+                          "this node runs expanded (slow)", stacklevel=stacklevel)
             return None
-        causal, window = _masks(pointwise)
+        causal, plan.local_window_size = _masks(pointwise)
+        plan.is_causal = int(causal)
+    return plan
+
+
+def emit_rewrite(node: onnx.NodeProto, plan: FlexPlan, prefix: str) -> tuple[list[onnx.NodeProto],
+                                                                          list[onnx.TensorProto]]:
+    """The nodes (and constants) that replace ``node``: every new value is named under ``prefix``,
+    the last node makes the node's output."""
+    attrs = {a.name: a for a in node.attribute}
+    heads, head_size, kv_heads, v_head_size = plan.num_heads, plan.head_size, plan.kv_num_heads, plan.v_head_size
     q, k, v = node.input
-    dtype = helper.tensor_dtype_to_np_dtype(q_info.type.tensor_type.elem_type)
-    w = _Writer(f"flex_kernel_{index}")
+    dtype = helper.tensor_dtype_to_np_dtype(plan.elem_type)
+    w = _Writer(prefix)
     i64 = lambda x: w.const(np.asarray(x, np.int64))  # noqa: E731
     q_shape, k_shape = w.op("Shape", q), w.op("Shape", k)
     batch = w.op("Slice", q_shape, i64([0]), i64([1]))    # [1]
@@ -190,14 +243,15 @@ def _rewrite(node: onnx.NodeProto, infos, index: int):
     cu = w.op("Cast", w.op("Mul", w.op("Range", zero, w.op("Add", batch_scalar, one), one), length), to=TensorProto.INT32)
     past_seqlens = w.op("Cast", w.op("Expand", past, batch), to=TensorProto.INT32)
     table = w.op("Cast", w.op("Unsqueeze", w.op("Range", zero, batch_scalar, one), i64([1])), to=TensorProto.INT32)
-    paged_attrs = dict(num_heads=heads, kv_num_heads=kv_heads, is_causal=int(causal), local_window_size=window,
+    paged_attrs = dict(num_heads=heads, kv_num_heads=kv_heads, is_causal=int(plan.is_causal),
+                       local_window_size=plan.local_window_size,
                        cache_only=1)
     if "scale" in attrs:
         paged_attrs["scale"] = attrs["scale"].f
-    if program is not None:
-        paged_attrs[PROGRAM_ATTR] = program.program.tolist()
-        if program.constants.size:
-            paged_attrs[CONSTANTS_ATTR] = program.constants.tolist()
+    if plan.program is not None:
+        paged_attrs[PROGRAM_ATTR] = plan.program.program.tolist()
+        if plan.program.constants.size:
+            paged_attrs[CONSTANTS_ATTR] = plan.program.constants.tolist()
     flat = w.op("PagedAttention", queries, no_key, no_value, k, v, cu, past_seqlens, table,
                 outputs=[w.name("output"), w.name("key_cache_unused"), w.name("value_cache_unused")], domain=DOMAIN,
                 **paged_attrs)[0]
