@@ -369,9 +369,9 @@ ONNXGEN_AVX512 void dots_avx512(const float* q, int64_t nq, const void* k, int64
   }
 }
 
-// out[v * out_stride + t] = sum of the lanes of a[v * 4 + t]: the sixteen horizontal sums of a
-// 4x4 block of dot products by one transpose-add tree (45 shuffles and adds, not 16 reductions).
-ONNXGEN_AVX512 inline void store_sums4x4(const __m512* a, float* out, int64_t out_stride) {
+// Element i of the result = the sum of the lanes of a[i], for sixteen accumulators: one
+// transpose-add tree (45 shuffles and adds, not 16 reductions).
+ONNXGEN_AVX512 inline __m512 sums16(const __m512* a) {
   // Level 1: within each 128-bit lane, pairwise sums of neighbours' elements.
   __m512 x[8], y[4], z[2];
   for (int i = 0; i < 8; ++i)
@@ -384,38 +384,47 @@ ONNXGEN_AVX512 inline void store_sums4x4(const __m512* a, float* out, int64_t ou
   for (int j = 0; j < 2; ++j)
     z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(2, 0, 2, 0)),
                          _mm512_shuffle_f32x4(y[2 * j], y[2 * j + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 sums = _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                    _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  alignas(64) float flat[16];
-  _mm512_store_ps(flat, sums);
-  for (int v = 0; v < 4; ++v) std::memcpy(out + v * out_stride, flat + v * 4, 4 * sizeof(float));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(z[0], z[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// out[v * out_stride + t] = q_v . k_t for 4 query vectors (contiguous, `n` apart) and 4 key
-// rows (`k_stride` elements apart) of type T: 16 accumulators, reduced by store_sums4x4.
-template <DType T>
-ONNXGEN_AVX512 void dots4x4_avx512(const float* q, const void* k, int64_t k_stride, int64_t n, float* out,
-                                   int64_t out_stride) {
+// out[v * out_stride + t] = the sum of the lanes of a[v * Keys + t] (Q * Keys = 16).
+template <int Q>
+ONNXGEN_AVX512 inline void store_sums(const __m512* a, float* out, int64_t out_stride) {
+  constexpr int Keys = 16 / Q;
+  alignas(64) float flat[16];
+  _mm512_store_ps(flat, sums16(a));
+  for (int v = 0; v < Q; ++v) std::memcpy(out + v * out_stride, flat + v * Keys, Keys * sizeof(float));
+}
+
+// out[v * out_stride + t] = q_v . k_t for Q query vectors (contiguous, `n` apart) and 16 / Q key
+// rows (`k_stride` elements apart) of type T: sixteen accumulators, reduced by store_sums.  Q is
+// the number of query heads that read one KV head (4 for grouped attention with four or more
+// per group; 2 or 1 otherwise, so each key row is still loaded once).
+template <DType T, int Q>
+ONNXGEN_AVX512 void dots_block(const float* q, const void* k, int64_t k_stride, int64_t n, float* out,
+                               int64_t out_stride) {
+  constexpr int Keys = 16 / Q;
   const size_t width = dtype_size(T);
-  const void* rows[4];
-  for (int t = 0; t < 4; ++t) rows[t] = static_cast<const char*>(k) + size_t(t * k_stride) * width;
+  const void* rows[Keys];
+  for (int t = 0; t < Keys; ++t) rows[t] = static_cast<const char*>(k) + size_t(t * k_stride) * width;
   __m512 a[16];
   for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
   const int64_t full = n & ~int64_t(15);
   const __mmask16 tail = __mmask16((1u << (n - full)) - 1);
   for (int64_t d = 0; d < n; d += 16) {
     const __mmask16 m = d < full ? __mmask16(0xffff) : tail;
-    const __m512 k0 = load16<T>(rows[0], d, m), k1 = load16<T>(rows[1], d, m);
-    const __m512 k2 = load16<T>(rows[2], d, m), k3 = load16<T>(rows[3], d, m);
-    for (int v = 0; v < 4; ++v) {
+    __m512 kt[Keys];
+#pragma GCC unroll 16
+    for (int t = 0; t < Keys; ++t) kt[t] = load16<T>(rows[t], d, m);
+#pragma GCC unroll 4
+    for (int v = 0; v < Q; ++v) {
       const __m512 qv = _mm512_maskz_loadu_ps(m, q + v * n + d);
-      a[v * 4 + 0] = _mm512_fmadd_ps(qv, k0, a[v * 4 + 0]);
-      a[v * 4 + 1] = _mm512_fmadd_ps(qv, k1, a[v * 4 + 1]);
-      a[v * 4 + 2] = _mm512_fmadd_ps(qv, k2, a[v * 4 + 2]);
-      a[v * 4 + 3] = _mm512_fmadd_ps(qv, k3, a[v * 4 + 3]);
+#pragma GCC unroll 16
+      for (int t = 0; t < Keys; ++t) a[v * Keys + t] = _mm512_fmadd_ps(qv, kt[t], a[v * Keys + t]);
     }
   }
-  store_sums4x4(a, out, out_stride);
+  store_sums<Q>(a, out, out_stride);
 }
 
 // bf16 rows, 32 elements per load: a shift and a mask give the even and the odd elements as
@@ -449,7 +458,7 @@ ONNXGEN_AVX512 inline void dots4x4_bf16_split(const float* q, const void* k, int
       for (int t = 0; t < 4; ++t) a[v * 4 + t] = _mm512_fmadd_ps(qo, ko[t], _mm512_fmadd_ps(qe, ke[t], a[v * 4 + t]));
     }
   }
-  store_sums4x4(a, out, out_stride);
+  store_sums<4>(a, out, out_stride);
 }
 
 // The probability rows of a block of up to four queries (past `count`, the last row again: its
@@ -531,11 +540,12 @@ ONNXGEN_AVX512 inline void weighted_rows_bf16_split(const float* const* probs, i
   }
 }
 
-using Dots4x4Fn = void (*)(const float*, const void*, int64_t, int64_t, float*, int64_t);
+using DotsBlockFn = void (*)(const float*, const void*, int64_t, int64_t, float*, int64_t);
 
-inline Dots4x4Fn dots4x4_for(DType t) {
-  return t == DType::f32 ? dots4x4_avx512<DType::f32> : t == DType::f16 ? dots4x4_avx512<DType::f16>
-                                                                        : dots4x4_avx512<DType::bf16>;
+template <int Q>
+inline DotsBlockFn dots_block_for(DType t) {
+  return t == DType::f32 ? dots_block<DType::f32, Q> : t == DType::f16 ? dots_block<DType::f16, Q>
+                                                                       : dots_block<DType::bf16, Q>;
 }
 
 template <DType T>
@@ -666,31 +676,31 @@ ONNXGEN_AVX512 inline void scores_tile(const float* const* q, int64_t nq, const 
 // of sums held in registers, so each value row is loaded (and converted) once per four queries.
 // The column chunks are a template argument: with a run-time count GCC kept the sixteen sums on
 // the stack (a load and a store around every FMA), and the P.V product ran at half speed.
-template <DType T, int Chunks>
+template <DType T, int Chunks, int Q>
 ONNXGEN_AVX512 inline void weighted_block(const float* const* probs, int64_t count, const void* rows,
                                           int64_t row_stride, int64_t n, int64_t c, __mmask16 tail,
                                           float* const* acc) {
   const size_t width = dtype_size(T);
-  __m512 s[4][Chunks];
+  __m512 s[Q][Chunks];
 #pragma GCC unroll 4
-  for (int v = 0; v < 4; ++v)
+  for (int v = 0; v < Q; ++v)
 #pragma GCC unroll 4
     for (int j = 0; j < Chunks; ++j) s[v][j] = _mm512_setzero_ps();
   const ProbRows pr = prob_rows(probs, count, n);
   for (int64_t t = 0; t < pr.keys; ++t) {
-    __m512 b[4];
+    __m512 b[Q];
 #pragma GCC unroll 4
-    for (int v = 0; v < 4; ++v) b[v] = _mm512_set1_ps(pr.p[v][t]);
+    for (int v = 0; v < Q; ++v) b[v] = _mm512_set1_ps(pr.p[v][t]);
     const void* row = static_cast<const char*>(rows) + size_t(t * row_stride + c) * width;
 #pragma GCC unroll 4
     for (int j = 0; j < Chunks; ++j) {
       const __m512 x = load16<T>(row, j * 16, j + 1 < Chunks ? __mmask16(0xffff) : tail);
 #pragma GCC unroll 4
-      for (int v = 0; v < 4; ++v) s[v][j] = _mm512_fmadd_ps(b[v], x, s[v][j]);
+      for (int v = 0; v < Q; ++v) s[v][j] = _mm512_fmadd_ps(b[v], x, s[v][j]);
     }
   }
 #pragma GCC unroll 4
-  for (int v = 0; v < 4; ++v) {
+  for (int v = 0; v < Q; ++v) {
     if (v >= count) break;
 #pragma GCC unroll 4
     for (int j = 0; j < Chunks; ++j) {
@@ -698,6 +708,17 @@ ONNXGEN_AVX512 inline void weighted_block(const float* const* probs, int64_t cou
       float* a = acc[v] + c + j * 16;
       _mm512_mask_storeu_ps(a, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, a), s[v][j]));
     }
+  }
+}
+
+template <DType T, int Q>
+ONNXGEN_AVX512 inline void weighted_chunks(int64_t chunks, const float* const* p, int64_t count, const void* rows,
+                                           int64_t row_stride, int64_t n, int64_t c, __mmask16 tail, float* const* a) {
+  switch (chunks) {
+    case 4: weighted_block<T, 4, Q>(p, count, rows, row_stride, n, c, tail, a); break;
+    case 3: weighted_block<T, 3, Q>(p, count, rows, row_stride, n, c, tail, a); break;
+    case 2: weighted_block<T, 2, Q>(p, count, rows, row_stride, n, c, tail, a); break;
+    default: weighted_block<T, 1, Q>(p, count, rows, row_stride, n, c, tail, a); break;
   }
 }
 
@@ -711,12 +732,10 @@ ONNXGEN_AVX512 void weighted_rows(const float* const* probs, int64_t nq, const v
       const int64_t count = std::min<int64_t>(4, nq - v0);
       const float* const* p = probs + v0;
       float* const* a = acc + v0;
-      switch (chunks) {
-        case 4: weighted_block<T, 4>(p, count, rows, row_stride, n, c, tail, a); break;
-        case 3: weighted_block<T, 3>(p, count, rows, row_stride, n, c, tail, a); break;
-        case 2: weighted_block<T, 2>(p, count, rows, row_stride, n, c, tail, a); break;
-        default: weighted_block<T, 1>(p, count, rows, row_stride, n, c, tail, a); break;
-      }
+      // Q: queries per block, 4 or (for the last one or two) 2 or 1: no FMAs for absent ones.
+      if (count > 2) weighted_chunks<T, 4>(chunks, p, count, rows, row_stride, n, c, tail, a);
+      else if (count == 2) weighted_chunks<T, 2>(chunks, p, count, rows, row_stride, n, c, tail, a);
+      else weighted_chunks<T, 1>(chunks, p, count, rows, row_stride, n, c, tail, a);
     }
   }
 }

@@ -282,17 +282,20 @@ class Attention {
       } else {
         const DotsFn dots = dots_for(seg.type);
         int64_t t = 0;
-        if (has_avx512() && G % 4 == 0) {  // 4 keys x 4 query heads at a time, reduced together
-          const bool halves = split && seg.type == DType::bf16;
-          const Dots4x4Fn dots4x4 = halves ? dots4x4_bf16_split : dots4x4_for(seg.type);
+        if (has_avx512()) {  // Q query heads x 16 / Q keys at a time, reduced together
+          const int64_t Q = G % 4 == 0 ? 4 : G % 2 == 0 ? 2 : 1, keys = 16 / Q;
+          const bool halves = split && seg.type == DType::bf16 && Q == 4;
+          const DotsBlockFn block = halves ? dots4x4_bf16_split
+                                    : Q == 4 ? dots_block_for<4>(seg.type)
+                                    : Q == 2 ? dots_block_for<2>(seg.type) : dots_block_for<1>(seg.type);
           const float* qs = halves ? q_split.data() : q.data();
-          for (; t + 4 <= n; t += 4)
+          for (; t + keys <= n; t += keys)
             for (int64_t h = 0; h < Hkv; ++h) {
               const void* krows = static_cast<const char*>(seg.key) + size_t(t * seg.k_token + h * seg.k_head) * width;
               for (int64_t r = 0; r < rows; ++r)
-                for (int64_t g = 0; g < G; g += 4) {
+                for (int64_t g = 0; g < G; g += Q) {
                   const int64_t i = r * H + h * G + g;
-                  dots4x4(&qs[size_t(i * D)], krows, seg.k_token, D, &scores[size_t(i * bs + t)], bs);
+                  block(&qs[size_t(i * D)], krows, seg.k_token, D, &scores[size_t(i * bs + t)], bs);
                 }
             }
         }
