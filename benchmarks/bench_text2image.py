@@ -46,12 +46,16 @@ PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 
 
 def folders(root: Path) -> tuple[Path, Path]:
-    from onnxgen.export.diffusion import BENCH_CONFIG, export_diffusion, write_random_checkpoint
+    """The random checkpoint and its ONNX export under ``root``, each made once; the export is redone
+    when its manifest records other exporter options than export_diffusion's defaults (an older
+    cache, e.g. one from before the attention fusion)."""
+    from onnxgen.export.diffusion import BENCH_CONFIG, export_diffusion, up_to_date, write_random_checkpoint
 
     checkpoint, onnx_dir = root / "checkpoint", root / "onnx"
     if not (checkpoint / "model_index.json").exists():
         write_random_checkpoint(checkpoint, BENCH_CONFIG, seed=0)
-    if not (onnx_dir / "onnxgen.json").exists():
+    if not up_to_date(onnx_dir):
+        print(f"exporting {checkpoint} to {onnx_dir}", file=sys.stderr)
         export_diffusion(checkpoint, onnx_dir)
     return checkpoint, onnx_dir
 

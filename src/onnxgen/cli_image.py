@@ -16,7 +16,8 @@ def _export_diffusion(args) -> int:
             bar.set_postfix_str(name)
             bar.update(done - bar.n)
 
-        out = export_diffusion(args.checkpoint, args.output, opset=args.opset, dynamo=args.dynamo, progress=progress)
+        out = export_diffusion(args.checkpoint, args.output, opset=args.opset, dynamo=args.dynamo,
+                               fuse_attention=args.fuse_attention, progress=progress)
     print(f"wrote {out}: text_encoder.onnx, unet.onnx, vae_decoder.onnx (+ .onnx.data), tokenizer/, scheduler/, "
           "onnxgen.json")
     return 0
@@ -61,6 +62,9 @@ def add_parsers(commands) -> None:
     export.add_argument("output", help="the model folder to write")
     export.add_argument("--opset", type=int, default=18, help="ONNX opset (default: %(default)s)")
     export.add_argument("--dynamo", action="store_true", help="use torch.onnx's dynamo exporter (slower)")
+    export.add_argument("--no-fuse-attention", dest="fuse_attention", action="store_false",
+                        help="keep attention as torch exports it (MatMul, Softmax, MatMul) instead of ONNX Attention "
+                             "nodes at opset 23")
     export.set_defaults(run=_export_diffusion)
 
     image = commands.add_parser(
