@@ -288,41 +288,57 @@ def _captured(graph: onnx.GraphProto) -> list[str]:
     return out
 
 
-def boundary(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> tuple[list[str], list[str], list[str]]:
+class GraphIndex:
+    """What ``boundary`` and ``is_convex`` read of the whole main graph (every node's inputs, each
+    value's readers), computed once for many scopes: without it each call walks the whole graph
+    (and every subgraph attribute in it), which makes checking one scope per layer quadratic."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph_inputs = {i.name for i in model.graph.input}
+        self.initializers = {t.name for t in model.graph.initializer}
+        self.graph_outputs = {o.name for o in model.graph.output}
+        self.reads: dict[int, list[str]] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in model.graph.node:
+            names = self.reads[id(node)] = node_inputs(node)
+            for name in dict.fromkeys(names):
+                self.consumers.setdefault(name, []).append(node)
+
+    def inputs_of(self, node: onnx.NodeProto) -> list[str]:
+        found = self.reads.get(id(node))
+        return found if found is not None else node_inputs(node)
+
+
+def boundary(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
+             index: GraphIndex | None = None) -> tuple[list[str], list[str], list[str]]:
     """(inputs, outputs, weights) of a group of main-graph nodes.
 
     inputs: values read and not made inside (initializers excluded, unless they are also graph
     inputs a caller may feed), in order of first use; outputs: values made inside that another
     node or the graph's outputs read, in order of making; weights: initializers read, sorted.
+    ``index``: the model's ``GraphIndex`` (made here when not given).
     """
+    index = index or GraphIndex(model)
     inside = {id(n) for n in nodes}
     made = {o for n in nodes for o in n.output if o}
-    graph_inputs = {i.name for i in model.graph.input}
-    initializers = {t.name for t in model.graph.initializer}
     inputs, weights = [], set()
     for node in nodes:
-        for name in node_inputs(node):
+        for name in index.inputs_of(node):
             if name in made:
                 continue
-            if name in initializers and name not in graph_inputs:
+            if name in index.initializers and name not in index.graph_inputs:
                 weights.add(name)
             elif name not in inputs:
                 inputs.append(name)
-    read_outside = {o.name for o in model.graph.output}
-    for node in model.graph.node:
-        if id(node) not in inside:
-            read_outside.update(node_inputs(node))
-    outputs = [o for n in nodes for o in n.output if o and o in read_outside]
+    outputs = [o for n in nodes for o in n.output
+               if o and (o in index.graph_outputs or any(id(c) not in inside for c in index.consumers.get(o, ())))]
     return inputs, outputs, sorted(weights)
 
 
-def is_convex(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> bool:
+def is_convex(model: onnx.ModelProto, nodes: list[onnx.NodeProto], index: GraphIndex | None = None) -> bool:
     """Whether no path leaves the group and comes back (the group can run as one step)."""
+    consumers = (index or GraphIndex(model)).consumers
     inside = {id(n) for n in nodes}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in set(node_inputs(node)):
-            consumers.setdefault(name, []).append(node)
     frontier = [c for n in nodes for o in n.output for c in consumers.get(o, []) if id(c) not in inside]
     seen = set()
     while frontier:
@@ -341,7 +357,8 @@ def is_convex(model: onnx.ModelProto, nodes: list[onnx.NodeProto]) -> bool:
 # --------------------------------------------------------------------------- the content hash
 
 
-def content_hash(model: onnx.ModelProto, nodes: list[onnx.NodeProto], base_dir: str | os.PathLike = "") -> str:
+def content_hash(model: onnx.ModelProto, nodes: list[onnx.NodeProto], base_dir: str | os.PathLike = "",
+                 index: GraphIndex | None = None) -> str:
     """``sha256:<hex>`` of a group of nodes, canonically (``HASH_SCHEME``).
 
     Fed into sha256, each field length-prefixed: the scheme name; per node in graph order its
@@ -357,17 +374,17 @@ def content_hash(model: onnx.ModelProto, nodes: list[onnx.NodeProto], base_dir: 
     opsets = {o.domain or "": o.version for o in model.opset_import}
     _hash_nodes(h, nodes, opsets)
     initializers = {t.name: t for t in model.graph.initializer}
-    _, _, weights = boundary(model, nodes)
+    _, _, weights = boundary(model, nodes, index)
     for name in weights:
         _hash_tensor(h, initializers[name], base_dir)
     return "sha256:" + h.hexdigest()
 
 
-def external_files(model: onnx.ModelProto, nodes: list[onnx.NodeProto], base_dir) -> list[Path]:
+def external_files(model: onnx.ModelProto, nodes: list[onnx.NodeProto], base_dir, index=None) -> list[Path]:
     """The external-data files holding the weights ``nodes`` read."""
     initializers = {t.name: t for t in model.graph.initializer}
     files = set()
-    for name in boundary(model, nodes)[2]:
+    for name in boundary(model, nodes, index)[2]:
         tensor = initializers[name]
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             for entry in tensor.external_data:
@@ -376,20 +393,21 @@ def external_files(model: onnx.ModelProto, nodes: list[onnx.NodeProto], base_dir
     return sorted(files)
 
 
-def cached_content_hash(model, name: str, nodes, base_dir, cache=None, model_identity: list | None = None) -> str:
+def cached_content_hash(model, name: str, nodes, base_dir, cache=None, model_identity: list | None = None,
+                        index: GraphIndex | None = None) -> str:
     """``content_hash``, through ``cache`` (a ``cache.HashCache``) when given with the identity of
     the model file: keyed by that identity, the scope's name and the identities of the external
     data files the scope reads."""
     if cache is None or model_identity is None:
-        return content_hash(model, nodes, base_dir)
+        return content_hash(model, nodes, base_dir, index)
     started = time.time_ns()
-    files = external_files(model, nodes, base_dir)
+    files = external_files(model, nodes, base_dir, index)
     before = [file_identity(f) for f in files]
     key = cache.key("scope", HASH_SCHEME, model_identity, name, before)
     known = cache.get(key)
     if known is not None:
         return known
-    value = content_hash(model, nodes, base_dir)
+    value = content_hash(model, nodes, base_dir, index)
     if [file_identity(f) for f in files] == before:
         cache.put(key, value, [model_identity] + before, started)
     return value
@@ -648,6 +666,7 @@ def check(model_path: str | os.PathLike, *, verify_payloads: bool = True, max_bl
         return report
     report.manifest = manifest
     groups = scope_nodes(model)
+    graph_index = GraphIndex(model)
     if manifest is None:
         if groups:
             report.errors.append(f"nodes carry scopes {sorted(groups)} but the model has no manifest")
@@ -655,7 +674,7 @@ def check(model_path: str | os.PathLike, *, verify_payloads: bool = True, max_bl
     for name in sorted(set(groups) - set(manifest.scopes)):
         report.errors.append(f"scope {name!r}: {len(groups[name])} nodes carry it but the manifest does not list it")
     for name, scope in manifest.scopes.items():
-        problem = scope_problem(model, name, scope, groups.get(name, []), base_dir)
+        problem = scope_problem(model, name, scope, groups.get(name, []), base_dir, index=graph_index)
         if problem:
             report.scope_errors[name] = problem
             report.errors.append(f"scope {name!r}: {problem}")
@@ -679,7 +698,7 @@ def check(model_path: str | os.PathLike, *, verify_payloads: bool = True, max_bl
 
 
 def scope_problem(model, name: str, scope: Scope, nodes: list, base_dir, *, cache=None,
-                  model_identity: list | None = None) -> str | None:
+                  model_identity: list | None = None, index: GraphIndex | None = None) -> str | None:
     """Why the manifest's entry for scope ``name`` does not describe the graph, or None.  With a
     ``cache.HashCache`` and the identity of the file ``model`` was read from (unchanged while it
     was read), a content hash computed before from the same files is taken from the cache."""
@@ -687,14 +706,15 @@ def scope_problem(model, name: str, scope: Scope, nodes: list, base_dir, *, cach
         return "no node carries it"
     if len(nodes) != scope.nodes:
         return f"{len(nodes)} nodes carry it, the manifest says {scope.nodes}"
-    inputs, outputs, _ = boundary(model, nodes)
+    index = index or GraphIndex(model)
+    inputs, outputs, _ = boundary(model, nodes, index)
     if (inputs, outputs) != (scope.inputs, scope.outputs):
         return f"boundary is inputs={inputs} outputs={outputs}, the manifest says inputs={scope.inputs} " \
                f"outputs={scope.outputs}"
-    if not is_convex(model, nodes):
+    if not is_convex(model, nodes, index):
         return "not convex: a path leaves the scope and comes back"
     try:
-        actual = cached_content_hash(model, name, nodes, base_dir, cache, model_identity)
+        actual = cached_content_hash(model, name, nodes, base_dir, cache, model_identity, index)
     except (OSError, ValueError) as error:
         return f"cannot hash: {error}"
     if actual != scope.hash:
