@@ -85,3 +85,58 @@ def cast_bf16_outputs_to_float(model: onnx.ModelProto) -> set[int]:
             output.type.tensor_type.elem_type = TensorProto.FLOAT
             cast.add(i)
     return cast
+
+
+def flex_stack_model(score_mod: onnx.GraphProto | None, *, layers: int = 2, hidden: int = 32, heads: int = 4,
+                     kv_heads: int | None = None, seed: int = 0, scale: float = 0.02) -> onnx.ModelProto:
+    """A stack of ``layers`` attention layers on ``ai.onnx.preview.FlexAttention``, random weights:
+    ``x [B, L, hidden]`` -> per layer ``x + Wo·FlexAttention(q, k, v)`` with ``q/k/v`` projected
+    from ``x`` (``MatMul``, ``Reshape [0, 0, H, D]``, ``Transpose``), so shape inference gives the
+    heads and head size the kernel rewrite needs.  ``score_mod``: a pointwise score graph
+    (``onnxgen.ops.score_mods``), applied through ``score_mods.flex_score_mod``."""
+    from onnx import numpy_helper
+
+    from .ops import score_mods
+
+    rng = np.random.default_rng(seed)
+    kv_heads = kv_heads or heads
+    head = hidden // heads
+    mod = score_mods.flex_score_mod(score_mod) if score_mod is not None else None
+    nodes, weights = [], []
+
+    def weight(name, *shape):
+        weights.append(numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name))
+        return name
+
+    weights += [numpy_helper.from_array(np.array([0, 0, heads, head], np.int64), "q_shape"),
+                numpy_helper.from_array(np.array([0, 0, kv_heads, head], np.int64), "kv_shape"),
+                numpy_helper.from_array(np.array([0, 0, hidden], np.int64), "merged_shape")]
+    x = "x"
+    for i in range(layers):
+        p = f"layers.{i}."
+        qkv = []
+        for t, n_heads in (("q", heads), ("k", kv_heads), ("v", kv_heads)):
+            w = weight(p + t + "_proj", hidden, n_heads * head)
+            nodes += [helper.make_node("MatMul", [x, w], [p + t + "_flat"], name=p + t + "_proj"),
+                      helper.make_node("Reshape", [p + t + "_flat", "q_shape" if t == "q" else "kv_shape"],
+                                       [p + t + "_heads"], name=p + t + "_reshape"),
+                      helper.make_node("Transpose", [p + t + "_heads"], [p + t], perm=[0, 2, 1, 3],
+                                       name=p + t + "_transpose")]
+            qkv.append(p + t)
+        nodes += [helper.make_node("FlexAttention", qkv, [p + "attention"], domain="ai.onnx.preview",
+                                   name=p + "attention", **({"score_mod": mod} if mod is not None else {})),
+                  helper.make_node("Transpose", [p + "attention"], [p + "attention_t"], perm=[0, 2, 1, 3],
+                                   name=p + "attention_transpose"),
+                  helper.make_node("Reshape", [p + "attention_t", "merged_shape"], [p + "merged"],
+                                   name=p + "merge"),
+                  helper.make_node("MatMul", [p + "merged", weight(p + "o_proj", heads * head, hidden)],
+                                   [p + "o"], name=p + "o_proj"),
+                  helper.make_node("Add", [x, p + "o"], [p + "out"], name=p + "residual")]
+        x = p + "out"
+    nodes.append(helper.make_node("Identity", [x], ["y"], name="output"))
+    graph = helper.make_graph(nodes, "flex_stack",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length", hidden])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "length", hidden])],
+                              weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", DEFAULT_OPSET),
+                                                   helper.make_opsetid("ai.onnx.preview", 1)])
