@@ -9,14 +9,19 @@ fusions, layout changes), saved in ORT format; loading skips parsing ONNX, the o
 onnxgen ops) the expand pass for graph attributes.  The blob records the kernel library it was made
 with; custom ops resolve against onnxgen's kernels at load.
 
-``onnxgen-kernels``: onnxgen's compiled CPU kernel library itself (a shared library: native code),
-so a scope of onnxgen ops runs on the kernels where this onnxgen has no built library and would
-otherwise run the ops' function bodies (the expanded graph).  Used only when the caller passes
+``onnxgen-kernels``, two formats (programs.py).  ``onnxgen.kernels.programs``: the scope's
+PagedAttention score programs compiled and its FlexAttention nodes' rewrite onto the kernel
+planned (data, no machine code), for this onnxgen's own kernel library; loading skips the
+score_mod compiler and the FlexAttention rewrite (with its shape inference of the whole model),
+and the scope runs in the same onnxruntime session as its neighbours.  ``onnxgen.kernels.library``:
+onnxgen's compiled CPU kernel library itself (a shared library: native code), so a scope of
+onnxgen ops runs on the kernels where this onnxgen has no built library and would otherwise run
+the ops' function bodies (the expanded graph).  Used only when the caller passes
 ``allow_native_code=True``; the library is written to a private file after its sha256 is checked.
 
 Each backend: ``version()`` (None when absent), ``supports(node)`` (for automatic scopes),
 ``compile(sub)`` -> (payload, blob fields), ``load(payload, blob, sub_inputs, sub_outputs)`` ->
-a callable from feeds to outputs.
+a callable from feeds to outputs (or, for programs blobs, ``programs.Inline`` replacements).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import numpy as np
 import onnx
 
 from ..ops.domain import DOMAIN
+from . import programs
 from .format import EP_PREFIX, Blob, ContextError, cpu_hardware, is_known_backend
 
 
@@ -42,7 +48,9 @@ def has_onnxgen_ops(model: onnx.ModelProto) -> bool:
 def ort_session(model: onnx.ModelProto | bytes, *, library: str | None = "default", threads: int | None = None,
                 optimized_path: str | None = None, ort_format: bool = False, level=None):
     """An onnxruntime CPU session; onnxgen's kernels registered when the model needs them
-    (``library="default"``: the package's own build); nodes the kernels cannot run expanded."""
+    (``library="default"``: the package's own build), score_mods compiled and FlexAttention
+    rewritten as ``onnxgen.backends.ort.session`` does (``compile_for_kernels``); nodes the
+    kernels cannot run expanded."""
     import onnxruntime as ort
 
     from .. import kernels
@@ -68,10 +76,28 @@ def ort_session(model: onnx.ModelProto | bytes, *, library: str | None = "defaul
         path = kernels.library_path() if library == "default" else library
         if path:
             options.register_custom_ops_library(path)
-            model = expand(model, only=_needs_expansion)
+            # Score programs are this onnxgen's bytecode: compiled only for its own library (a
+            # shipped library blob runs score_mods expanded, as the function bodies).
+            own = library == "default" or path == kernels.library_path()
+            model = expand(compile_for_kernels(model) if own else model, only=_needs_expansion)
         else:
             model = expand(model)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def compile_for_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
+    """What ``onnxgen.backends.ort.session`` does before the kernels run a model: FlexAttention
+    nodes with a pointwise score_mod rewritten onto PagedAttention (``passes.flex_kernel``) and
+    every PagedAttention score_mod compiled to its score program (``passes.compile_score_mod``).
+    Each pass runs only where the model has something for it (both copy the whole model)."""
+    from ..passes import compile_score_mod, flex_kernel
+
+    if any(n.domain == flex_kernel.FLEX_DOMAIN and n.op_type == "FlexAttention" for n in model.graph.node):
+        model = flex_kernel.flex_to_kernel(model)
+    if any(n.domain == DOMAIN and n.op_type == "PagedAttention" and any(a.name == "score_mod" for a in n.attribute)
+           for g in [model.graph, *model.functions] for n in g.node):
+        model = compile_score_mod.compile_score_mods(model)
+    return model
 
 
 def ort_runner(session):
@@ -116,7 +142,7 @@ class OpenVINO:
         # OpenVINO's ONNX frontend: standard ops only
         return node.domain in ("", "ai.onnx") and node.op_type not in self.unsupported
 
-    def compile(self, sub: onnx.ModelProto) -> tuple[bytes, dict]:
+    def compile(self, sub: onnx.ModelProto, **_) -> tuple[bytes, dict]:
         refused = sorted({n.op_type for n in sub.graph.node if not self.supports(n)})
         if refused:
             raise ContextError(f"OpenVINO blobs are not made for scopes with {', '.join(refused)}")
@@ -157,7 +183,15 @@ def _library_sha256() -> str | None:
     from .. import kernels
 
     path = kernels.library_path()
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest() if path else None
+    if not path:
+        return None
+    st = os.stat(path)
+    return _file_sha256(str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, *identity) -> str:  # keyed by the file's identity: a rebuilt library is hashed again
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class OnnxRuntime:
@@ -174,7 +208,7 @@ class OnnxRuntime:
     def supports(self, node: onnx.NodeProto) -> bool:
         return True
 
-    def compile(self, sub: onnx.ModelProto) -> tuple[bytes, dict]:
+    def compile(self, sub: onnx.ModelProto, **_) -> tuple[bytes, dict]:
         import onnxruntime as ort
 
         options = {}
@@ -200,8 +234,15 @@ class OnnxRuntime:
 
 
 class OnnxgenKernels:
+    """Two formats (``programs.py``): ``onnxgen.kernels.programs``, the scope's score programs
+    compiled and FlexAttention rewritten (data: run by this onnxgen's own kernel library in the
+    onnxruntime session of the rest of the model); ``onnxgen.kernels.library``, the kernel library
+    itself (native code, opt-in)."""
+
     name = "onnxgen-kernels"
-    format = "onnxgen.kernels.library"
+    format = programs.LIBRARY_FORMAT
+    formats = (programs.FORMAT, programs.LIBRARY_FORMAT)
+    min_nodes = 1  # one attention or MoE node is worth a blob
 
     def version(self) -> str | None:
         import onnxruntime as ort
@@ -211,21 +252,58 @@ class OnnxgenKernels:
         return f"onnxgen {__version__}; onnxruntime {ort.__version__}"
 
     def supports(self, node: onnx.NodeProto) -> bool:
-        return node.domain == DOMAIN
+        return node.domain == DOMAIN or (node.domain == "ai.onnx.preview" and node.op_type == "FlexAttention")
 
-    def compile(self, sub: onnx.ModelProto) -> tuple[bytes, dict]:
+    def compile(self, sub: onnx.ModelProto, *, format: str | None = None, scope_hash: str | None = None,
+                **_) -> tuple[bytes, dict]:
+        """``format`` None: the programs where the scope has score_mods or FlexAttention nodes to
+        compile, else the library."""
         from .. import kernels
 
+        if format not in (None, *self.formats):
+            raise ContextError(f"onnxgen-kernels makes {' or '.join(self.formats)} blobs, not {format}")
         if not has_onnxgen_ops(sub):
             raise ContextError("the scope has no onnxgen ops: the kernel library would not run any of it")
+        if format == programs.FORMAT or (format is None and programs.has_programs(sub)):
+            library = _library_sha256()
+            if library is None:
+                raise ContextError("this onnxgen has no built kernel library to compile programs for")
+            if scope_hash is None:
+                raise ContextError("a programs blob needs the scope's content hash")
+            payload = programs.make(sub, scope_hash=scope_hash, kernels_sha256=library)
+            return payload, dict(format=programs.FORMAT, hardware={"device": "cpu"},
+                                 options={"kernels_sha256": library, "compiler": programs.compiler_id()})
         path = kernels.library_path()
         if path is None:
             raise ContextError("this onnxgen has no built kernel library to ship")
-        return Path(path).read_bytes(), dict(format=self.format, hardware=cpu_hardware(), native_code=True,
-                                             options={"library": Path(path).name})
+        return Path(path).read_bytes(), dict(format=programs.LIBRARY_FORMAT, hardware=cpu_hardware(),
+                                             native_code=True, options={"library": Path(path).name})
+
+    def problem(self, blob: Blob) -> str | None:
+        """Why a programs blob is stale here (from its options; the payload is checked at load)."""
+        if blob.format != programs.FORMAT:
+            return None
+        library = _library_sha256()
+        if library is None:
+            return "this onnxgen has no built kernel library to run the programs"
+        if blob.options.get("kernels_sha256") != library:
+            return "the programs were made for another build of onnxgen's kernel library"
+        if blob.options.get("compiler") != programs.compiler_id():
+            return f"the programs were made by another score compiler ({blob.options.get('compiler')})"
+        return None
 
     def load(self, payload: bytes, blob: Blob, inputs: list[str], outputs: list[str], *,
-             sub: onnx.ModelProto, allow_native_code: bool = False, **_):
+             sub: onnx.ModelProto | None = None, allow_native_code: bool = False, nodes=None,
+             scope_hash: str | None = None, infos=None, taken=None, prefix: str = "onnxgen.context", **_):
+        """A programs blob: the ``programs.Inline`` replacements for the scope's ``nodes`` (the
+        loader runs them with the rest of the model); a library blob: a runner of ``sub``."""
+        if blob.format == programs.FORMAT:
+            if blob.native_code:
+                raise ContextError("a programs blob is data: it must not be marked native_code")
+            return programs.read(payload, nodes, scope_hash=scope_hash, kernels_sha256=_library_sha256(),
+                                 infos=infos, taken=taken, prefix=prefix)
+        if blob.format != programs.LIBRARY_FORMAT:
+            raise ContextError(f"unknown onnxgen-kernels blob format {blob.format!r}")
         if not allow_native_code:
             raise ContextError("the blob is a shared library (native code): pass allow_native_code=True to use it")
         if not blob.native_code:
@@ -284,7 +362,7 @@ class OnnxRuntimeEP:
     def supports(self, node: onnx.NodeProto) -> bool:
         return False
 
-    def compile(self, sub: onnx.ModelProto) -> tuple[bytes, dict]:
+    def compile(self, sub: onnx.ModelProto, **_) -> tuple[bytes, dict]:
         raise ContextError("blobs of onnxruntime execution providers are imported from EPContext models "
                            "(onnxgen context import-epcontext), not compiled here")
 
@@ -354,4 +432,4 @@ def backend_problem(blob: Blob) -> str | None:
         return f"{blob.backend} is not installed"
     if version != blob.backend_version:
         return f"made by {blob.backend} {blob.backend_version}, this machine has {version}"
-    return None
+    return backend.problem(blob) if hasattr(backend, "problem") else None

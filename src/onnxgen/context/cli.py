@@ -25,7 +25,7 @@ def _annotate(args) -> int:
 def _compile(args) -> int:
     from .tools import compile
 
-    results = compile(args.model, args.backend, args.output, scopes=args.scope, embed=args.embed)
+    results = compile(args.model, args.backend, args.output, scopes=args.scope, embed=args.embed, format=args.format)
     for r in results:
         print(f"{r.scope}: " + (f"{r.size} bytes in {r.seconds:.2f} s" if r.error is None else f"skipped ({r.error})"))
     made = sum(r.error is None for r in results)
@@ -85,7 +85,8 @@ def add_parser(commands) -> None:
     how.add_argument("--nodes", action="append", metavar="[SCOPE=]NAME,NAME",
                      help="one scope of the named nodes (repeatable)")
     how.add_argument("--auto", metavar="BACKEND", help="the largest convex groups BACKEND supports")
-    annotate.add_argument("--min-nodes", type=int, help="leave out smaller groups (default: 2 with --auto, else 1)")
+    annotate.add_argument("--min-nodes", type=int,
+                          help="leave out smaller groups (default: 2 with --auto, 1 with --auto onnxgen-kernels; else 1)")
     annotate.set_defaults(run=_annotate)
 
     comp = verbs.add_parser("compile", help="compile the scopes with a backend and record the blobs")
@@ -94,6 +95,9 @@ def add_parser(commands) -> None:
     comp.add_argument("-o", "--output", help="default: in place (blobs in <model>.context/ beside it)")
     comp.add_argument("--scope", action="append", help="only these scopes (repeatable)")
     comp.add_argument("--embed", action="store_true", help="put the payloads in the manifest (base64)")
+    comp.add_argument("--format", choices=["onnxgen.kernels.programs", "onnxgen.kernels.library"],
+                      help="onnxgen-kernels: compiled score programs (data) or the kernel library (native code); "
+                           "default: programs where the scope has score_mods or FlexAttention to compile")
     comp.set_defaults(run=_compile)
 
     insp = verbs.add_parser("inspect", help="a table of scopes and blobs, sizes, validity on this machine")

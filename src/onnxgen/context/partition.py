@@ -25,6 +25,7 @@ class Step:
     runner: object = None
     label: str = ""
     frees: list[str] = field(default_factory=list)  # values no later step reads
+    inlined: list[str] = field(default_factory=list)  # scopes run from onnxgen-kernels programs in this step
 
 
 def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:

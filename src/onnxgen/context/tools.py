@@ -79,9 +79,11 @@ def annotate(model_path: str | os.PathLike, out_path: str | os.PathLike | None =
     ``op_types``: the largest convex groups of nodes of those types; ``nodes``: scope name ->
     node names (each group must be convex); ``backend``: the largest convex groups of nodes the
     backend supports.  Groups under ``min_nodes`` nodes are left out (default: 2 for ``backend``,
-    where lone reshapes are not worth a blob; 1 otherwise).
+    where lone reshapes are not worth a blob, but 1 for onnxgen-kernels, where one attention or
+    MoE node is; 1 otherwise).
     """
-    min_nodes = min_nodes if min_nodes is not None else (2 if backend is not None else 1)
+    if min_nodes is None:
+        min_nodes = getattr(BACKENDS.get(backend), "min_nodes", 2) if backend is not None else 1
     model = load_model(model_path)
     strip_model(model)
     if sum(x is not None for x in (op_types, nodes, backend)) != 1:
@@ -133,14 +135,19 @@ class Compiled:
 
 
 def compile(model_path: str | os.PathLike, backend: str, out_path: str | os.PathLike | None = None, *,
-            scopes: Sequence[str] | None = None, embed: bool = False) -> list[Compiled]:
+            scopes: Sequence[str] | None = None, embed: bool = False, format: str | None = None) -> list[Compiled]:
     """Compile every scope (or ``scopes``) with ``backend`` and record the blobs; a blob of the same
-    backend and version already there is replaced.  Blobs go to ``<model>.context/`` beside the
-    written model, or into the manifest (base64) with ``embed``.  Scopes the backend cannot
-    compile are reported and left without its blob."""
+    backend, version and format already there is replaced.  Blobs go to ``<model>.context/`` beside
+    the written model, or into the manifest (base64) with ``embed``.  Scopes the backend cannot
+    compile are reported and left without its blob.  ``format``: for a backend that makes several
+    (onnxgen-kernels: ``onnxgen.kernels.programs`` or ``onnxgen.kernels.library``; default: the
+    programs where the scope has score_mods or FlexAttention nodes to compile, else the library)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     engine = BACKENDS[backend]
+    formats = getattr(engine, "formats", (engine.format,))
+    if format is not None and format not in formats:
+        raise ValueError(f"{backend} makes {', '.join(formats)} blobs, not {format!r}")
     version = engine.version()
     if version is None:
         raise ValueError(f"{backend} is not installed")
@@ -163,7 +170,7 @@ def compile(model_path: str | os.PathLike, backend: str, out_path: str | os.Path
         sub = submodel(model, groups[name], scope.inputs, scope.outputs, types, model_path.parent)
         start = time.perf_counter()
         try:
-            payload, fields = engine.compile(sub)
+            payload, fields = engine.compile(sub, format=format, scope_hash=scope.hash)
         except Exception as error:  # noqa: BLE001 - one scope a backend cannot take is not fatal
             results.append(Compiled(name, backend, time.perf_counter() - start, error=str(error).splitlines()[0]))
             continue
@@ -174,7 +181,8 @@ def compile(model_path: str | os.PathLike, backend: str, out_path: str | os.Path
             file.write_bytes(payload)
             relative = file.relative_to(out_path.parent).as_posix()
         blob = make_blob(payload, backend=backend, backend_version=version, path=relative, **fields)
-        scope.blobs = [b for b in scope.blobs if not (b.backend == backend and b.backend_version == version)]
+        scope.blobs = [b for b in scope.blobs
+                       if not (b.backend == backend and b.backend_version == version and b.format == blob.format)]
         scope.blobs.append(blob)
         results.append(Compiled(name, backend, time.perf_counter() - start, len(payload)))
     write_manifest(model, manifest)
