@@ -177,6 +177,23 @@ print("ok")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
+def test_no_amx_matches(tmp_path):
+    """bf16 weights without the AMX tile path (ONNXGEN_NO_AMX=1: the AVX-512 micro-kernel over
+    weights widened to fp32), in a fresh process: MoE and GroupedMatMul."""
+    script = f"""
+import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
+import numpy as np
+import test_kernels_moe as t
+rng = np.random.default_rng(11)
+t.check_moe(t.moe_inputs(rng, 70, 200, 8, 136, dtype=t.BF16, gate_up_bias=True, down_bias=True), k=2)
+t.check_grouped(t.grouped_inputs(rng, 37, 150, 3, 70, 2, True, t.BF16))
+print("ok")
+"""
+    env = {**os.environ, "ONNXGEN_NO_AMX": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 # ---- GroupedMatMul --------------------------------------------------------------------------------
 
 def grouped_inputs(rng, m, k_dim, groups, n, k, with_bias, dtype):
@@ -330,3 +347,10 @@ def test_grouped_matmul_errors(case, changes, message):
     model = loose_model("GroupedMatMul", inputs, ["output"])
     with pytest.raises(Exception, match=message):
         run_kernel(model, inputs)
+
+
+@pytest.mark.parametrize("m,k_dim,n", [(1, 31, 15), (16, 32, 16), (17, 33, 17), (33, 100, 40), (70, 64, 300)])
+def test_grouped_bf16_tile_edges(rng, m, k_dim, n):
+    """bf16 weights take the AMX tile path where the CPU has it (kernels/csrc/amx.h: 16-row,
+    16-column and 32-deep tiles, zero padded): counts on and off the tile edges."""
+    check_grouped(grouped_inputs(rng, m, k_dim, 3, n, 2, True, BF16))

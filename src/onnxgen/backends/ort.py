@@ -25,6 +25,7 @@ import onnxruntime as ort
 from .. import kernels
 from ..ops.domain import DOMAIN
 from ..passes import expand
+from ..passes.bf16_linear import bf16_linear
 from ..passes.compile_score_mod import compile_score_mods
 from ..passes.flex_kernel import flex_to_kernel
 
@@ -61,11 +62,12 @@ class Session:
 
     ``run(feeds)`` takes every input but the caches and returns the other outputs by name;
     ``caches`` holds the current cache arrays (set them with ``set_cache``, or let the session
-    start them at zero).
+    start them at zero).  ``bf16_compute``: run linear layers with bf16 weights on the kernels'
+    AMX path (``passes.bf16_linear``: activations rounded to bf16); default: where the CPU has AMX.
     """
 
     def __init__(self, model: onnx.ModelProto, *, threads: int | None = None, spinning: bool = False,
-                 use_kernels: bool = True):
+                 use_kernels: bool = True, bf16_compute: bool | None = None):
         library = kernels.library_path() if use_kernels else None
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -77,6 +79,9 @@ class Session:
             # score_mod graphs become bytecode the kernel reads; those it cannot compile (a
             # warning names the op) keep their graph and are expanded below.
             runnable = expand(compile_score_mods(flex_to_kernel(model)), only=_needs_expansion)
+            # bf16 weights: the linear layers on the tile unit, activations rounded to bf16.
+            if bf16_compute if bf16_compute is not None else kernels.has_amx():
+                runnable = bf16_linear(runnable)
         else:
             if use_kernels:
                 warnings.warn("onnxgen's kernel library is not built: running the expanded model (slow; "

@@ -25,3 +25,17 @@ def library_path() -> str | None:
         return override if Path(override).exists() else None
     path = Path(__file__).with_name(LIBRARY_NAME)
     return str(path) if path.exists() else None
+
+
+def has_amx() -> bool:
+    """Whether the CPU has AMX tiles with bf16 (the kernels then run bf16 GEMMs on them).
+
+    ``ONNXGEN_NO_AMX=1`` says no, as it turns the library's AMX path off.
+    """
+    if os.environ.get("ONNXGEN_NO_AMX", "0") not in ("", "0") or os.environ.get("ONNXGEN_NO_AVX512", "0") not in ("", "0"):
+        return False
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return {"amx_tile", "amx_bf16", "avx512f"} <= set(flags.split())

@@ -10,6 +10,8 @@
 // the same, so every type takes the one path.)  B's tile is read from memory
 // exactly once however many rows A has.
 //
+// bf16 weights on a CPU with AMX take amx.h's tile path instead (A rounded to bf16).
+//
 // Two micro-kernels: AVX-512 (6 rows x 4 zmm) chosen at run time when the CPU has it, and
 // the AVX2 + FMA baseline (6 rows x 2 ymm, four column slices).  ONNXGEN_NO_AVX512=1 forces
 // the baseline (tests use it).
@@ -18,6 +20,7 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "amx.h"
 #include "common.h"
 
 namespace onnxgen {
@@ -160,6 +163,10 @@ inline void gemm_tile(const float* const* A, int64_t m, const void* B, DType bt,
   if (m <= 0 || n <= 0) return;
   if (K <= 0) {
     for (int64_t r = 0; r < m; ++r) std::memset(C + r * ldc, 0, size_t(n) * 4);
+    return;
+  }
+  if (bt == DType::bf16 && amx::available()) {  // the rows are rounded to bf16 too: see amx.h
+    amx::gemm_tile(A, m, static_cast<const uint16_t*>(B), ldb, K, n, C, ldc);
     return;
   }
   alignas(64) float P[kPanel];

@@ -1,4 +1,5 @@
 // Entry point: onnxruntime calls RegisterCustomOps when a session registers this library.
+#include <atomic>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -32,11 +33,13 @@ OrtStatusPtr infer_outputs(OrtShapeInferContext* ctx, const OutputSpec* specs, s
       if (OrtStatus* s = api.GetSymbolicDimensions(info, symbols.data(), rank)) return s;
     }
     // An unknown dimension must be symbolic: onnxruntime takes a bare -1 for a size and then
-    // warns that the run's shape differs.  Unnamed ones get a name of their own.
+    // warns that the run's shape differs.  Unnamed ones get a name of their own, unique in the
+    // process: onnxruntime takes dimensions of one name to be equal (and shares buffers on it).
+    static std::atomic<uint64_t> next_name{0};
     std::vector<std::string> names(dims.size());
     for (size_t d = 0; d < dims.size(); ++d) {
       if (dims[d] >= 0 || (symbols[d] && *symbols[d])) continue;
-      names[d] = "onnxgen_out" + std::to_string(i) + "_" + std::to_string(d);
+      names[d] = "onnxgen_dim" + std::to_string(next_name++);
       symbols[d] = names[d].c_str();
     }
     OrtTensorTypeAndShapeInfo* out = nullptr;
