@@ -21,13 +21,14 @@ import warnings
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
+from onnx import TensorProto, helper
 from test_context_load import HEADS, prefill_feeds, write_checkpoint
 
 from onnxgen import context, kernels
 from onnxgen.context import programs
 from onnxgen.context.backends import ort_session
 from onnxgen.export.llm import build
+from onnxgen.ops.flex_score import INPUT_NAMES, INPUT_TYPES
 from onnxgen.ops import score_mods as sm
 from onnxgen.passes import compile_score_mod, flex_kernel
 from onnxgen.testing import flex_stack_model
@@ -267,3 +268,26 @@ def test_library_and_programs_blobs_side_by_side(models, tmp_path):
     assert_equal(session.run(None, feeds), want)
     with pytest.raises(ValueError, match="makes"):
         context.compile(path, "onnxgen-kernels", format="ort")
+
+
+def test_a_score_mod_without_bytecode_gets_no_blob_and_runs_expanded(models, tmp_path):
+    """Round has no opcode: no programs blob for that scope, and the graph path expands the node."""
+    rounded = helper.make_graph(
+        [helper.make_node("Round", ["score"], ["r"]), helper.make_node("Add", ["score", "r"], [sm.OUTPUT])],
+        "rounded", [helper.make_tensor_value_info(n, t, []) for n, t in zip(INPUT_NAMES, INPUT_TYPES)],
+        [helper.make_tensor_value_info(sm.OUTPUT, TensorProto.FLOAT, [])])
+    folder, feeds, _ = models["paged"]
+    shutil.copytree(folder, tmp_path / "paged")
+    path = tmp_path / "paged" / "model.onnx"
+    model = onnx.load(path)
+    node = [n for n in model.graph.node if n.op_type == "PagedAttention"][1]
+    next(a for a in node.attribute if a.name == "score_mod").g.CopyFrom(rounded)
+    onnx.save(model, path)
+    context.annotate(path, op_types=["PagedAttention"])
+    with pytest.warns(UserWarning, match="Round"):
+        results = context.compile(path, "onnxgen-kernels")
+    assert results[0].error is None and "nothing for a programs blob" in results[1].error
+    with pytest.warns(UserWarning, match="Round"):  # the fallback compiles the other scope's graph: warns again
+        session = context.load(path)
+    assert [c.runner for c in session.choices.values()] == ["onnxgen-kernels", "original"]
+    assert_equal(session.run(None, feeds), expanded(onnx.load(path), feeds), atol=1e-4)

@@ -79,10 +79,35 @@ def ort_session(model: onnx.ModelProto | bytes, *, library: str | None = "defaul
             # Score programs are this onnxgen's bytecode: compiled only for its own library (a
             # shipped library blob runs score_mods expanded, as the function bodies).
             own = library == "default" or path == kernels.library_path()
-            model = expand(compile_for_kernels(model) if own else model, only=_needs_expansion)
+            model = compile_for_kernels(model) if own else model
+            if needs_expansion(model):
+                model = expand(model, only=_needs_expansion)
         else:
             model = expand(model)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def needs_expansion(model: onnx.ModelProto) -> bool:
+    """Whether ``expand(model, only=_needs_expansion)`` has anything to do for the kernel library: a
+    FlexAttention node or an onnxgen node with a graph attribute anywhere, or model functions (which
+    it inlines).  Without any, expand would only copy the model through onnx-ir and shape-infer it
+    (0.2 s and more for a 24-layer model), so the session is made from the model as it is."""
+    if model.functions:
+        return True
+
+    def walk(graph: onnx.GraphProto) -> bool:
+        for node in graph.node:
+            if node.domain == "ai.onnx.preview" and node.op_type == "FlexAttention":
+                return True
+            for attr in node.attribute:
+                subgraphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                if subgraphs and node.domain == DOMAIN:
+                    return True
+                if any(walk(g) for g in subgraphs):
+                    return True
+        return False
+
+    return walk(model.graph)
 
 
 def compile_for_kernels(model: onnx.ModelProto) -> onnx.ModelProto:
