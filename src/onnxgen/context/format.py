@@ -115,7 +115,9 @@ SCHEMA = {
                 "backend": {"type": "string", "minLength": 1},
                 "backend_version": {"type": "string", "minLength": 1,
                                     "description": "exact version of the backend that made the blob"},
-                "format": {"type": "string", "minLength": 1, "description": "e.g. openvino.compiled_model, ort"},
+                "format": {"type": "string", "minLength": 1, "description": "openvino.compiled_model, ort, onnxgen.kernels.programs (compiled "
+                                                  "score programs: data), onnxgen.kernels.library (native code), "
+                                                  "onnxruntime.epcontext"},
                 "hardware": {
                     "type": "object",
                     "required": ["device"],
@@ -135,7 +137,9 @@ SCHEMA = {
                 "native_code": {"type": "boolean", "default": False,
                                 "description": "the payload holds machine code a loader would map (a shared "
                                                "library): used only when the caller opts in"},
-                "options": {"type": "object", "description": "backend-specific settings the blob was made with"},
+                "options": {"type": "object", "description": "backend-specific settings the blob was made with (e.g. "
+                                                           "the kernel library's sha256 and the score compiler "
+                                                           "a programs blob was made for)"},
             },
         },
     },
