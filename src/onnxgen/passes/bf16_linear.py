@@ -20,6 +20,8 @@ runs it when the CPU has AMX and ``bf16_compute`` is not turned off.
 
 from __future__ import annotations
 
+import warnings
+
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -28,7 +30,15 @@ from ..ops.domain import DOMAIN
 
 def bf16_linear(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of ``model`` whose bf16-weight linear layers run on GroupedMatMul (see the module doc)."""
-    inferred = onnx.shape_inference.infer_shapes(model)
+    bf16_initializers = {t.name for t in model.graph.initializer if t.data_type == TensorProto.BFLOAT16}
+    widened = {n.output[0] for n in model.graph.node if n.op_type == "Cast" and n.input[0] in bf16_initializers}
+    if not any(n.op_type == "MatMul" and n.input[1] in widened for n in model.graph.node):
+        return model  # nothing to do: no shape inference (it costs seconds on large models)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception as error:  # a node private to a session-time rewrite may refuse inference
+        warnings.warn(f"bf16_linear: shape inference failed ({error}); linear layers stay fp32", stacklevel=2)
+        return model
     types = {v.name: v.type.tensor_type for v in
              list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
     out = onnx.ModelProto()
