@@ -354,3 +354,49 @@ def test_grouped_bf16_tile_edges(rng, m, k_dim, n):
     """bf16 weights take the AMX tile path where the CPU has it (kernels/csrc/amx.h: 16-row,
     16-column and 32-deep tiles, zero padded): counts on and off the tile edges."""
     check_grouped(grouped_inputs(rng, m, k_dim, 3, n, 2, True, BF16))
+
+
+def check_dense(rng, shape, n, constant):
+    """The dense form of passes.bf16_linear: GroupedMatMul(input fp32 [..., K], weights bf16 [K, N])
+    with no group_indices, against numpy on the input rounded to bf16 (the AMX path rounds it; the
+    widening path does not, and stays within the same tolerance)."""
+    from onnx import TensorProto, helper
+
+    k_dim = shape[-1]
+    x = rng.standard_normal(shape).astype(np.float32)
+    w = (rng.standard_normal((k_dim, n)) / np.sqrt(k_dim)).astype(BF16)
+    weight = helper.make_tensor("w", TensorProto.BFLOAT16, [k_dim, n], w.view(np.uint16).tobytes(), raw=True)
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))]
+    if not constant:
+        inputs.append(helper.make_tensor_value_info("w", TensorProto.BFLOAT16, [k_dim, n]))
+    graph = helper.make_graph([helper.make_node("GroupedMatMul", ["x", "w"], ["y"], domain="onnxgen.preview")], "g",
+                              inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [weight] if constant else [])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("onnxgen.preview", 1)])
+    feeds_ = {"x": x} if constant else {"x": x, "w": w}
+    (got,) = run_kernel(model, feeds_)
+    want = x.astype(BF16).astype(np.float64) @ w.astype(np.float64)
+    assert got.shape == (*shape[:-1], n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * max(1.0, float(np.abs(want).max())))
+
+
+@pytest.mark.parametrize("constant", [True, False], ids=["packed-at-creation", "per-call"])
+@pytest.mark.parametrize("shape,n", [((1, 31), 15), ((17, 64), 300), ((2, 3, 100), 40)])
+def test_dense_bf16_linear(rng, shape, n, constant):
+    check_dense(rng, shape, n, constant)
+
+
+def test_dense_bf16_linear_without_amx():
+    """The dense form on the widening GEMM path (ONNXGEN_NO_AMX=1), in a fresh process."""
+    script = f"""
+import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
+import numpy as np
+import test_kernels_moe as t
+rng = np.random.default_rng(5)
+for constant in (True, False):
+    t.check_dense(rng, (17, 64), 300, constant)
+print("ok")
+"""
+    env = {**os.environ, "ONNXGEN_NO_AMX": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -144,15 +144,12 @@ ONNXGEN_AMX inline void block(const uint16_t* a, int64_t kp, int64_t i0, const u
   if (RowTiles > 1 && ColTiles > 1) _tile_stored(3, out + 16 * 32 + 16, 128);
 }
 
-// C[r, 0:n] = sum_k bf16(A[r][k]) * B[k, 0:n] for r < m; B bf16 with row stride ldb; C row
-// stride ldc; n <= 512.
-ONNXGEN_AMX inline void gemm_tile(const float* const* A, int64_t m, const uint16_t* B, int64_t ldb, int64_t K, int n,
-                                  float* C, int64_t ldc) {
-  const int64_t kp = (K + 31) / 32 * 32, mp = (m + 15) / 16 * 16, blocks = (n + 15) / 16;
-  uint16_t* a = scratch16(0, mp * kp);
-  uint16_t* b = scratch16(1, ((blocks + 1) / 2 * 2) * kp * 16);
-  stage_rows(A, m, K, mp, kp, a);
-  pack_columns(B, ldb, K, n, kp, b);
+// C[r, 0:n] += nothing, = a @ b: a staged by stage_rows (m rows, kp deep), b packed by
+// pack_columns (its first column block at b; n columns); C fp32 with row stride ldc.  Configures
+// the tiles and releases them.
+ONNXGEN_AMX inline void multiply(const uint16_t* a, int64_t m, int64_t kp, const uint16_t* b, int n, float* C,
+                                 int64_t ldc) {
+  const int64_t mp = (m + 15) / 16 * 16, blocks = (n + 15) / 16;
   configure();
   alignas(64) float out[32 * 32];
   for (int64_t i0 = 0; i0 < mp; i0 += 32) {
@@ -168,6 +165,23 @@ ONNXGEN_AMX inline void gemm_tile(const float* const* A, int64_t m, const uint16
     }
   }
   _tile_release();
+}
+
+inline int64_t depth(int64_t K) { return (K + 31) / 32 * 32; }    // K padded to whole tiles
+inline int64_t rows_padded(int64_t m) { return (m + 15) / 16 * 16; }
+// Packed size (elements) of n columns: whole pairs of 16-column blocks, kp deep.
+inline int64_t packed_size(int64_t K, int64_t n) { return (n + 31) / 32 * 2 * depth(K) * 16; }
+
+// C[r, 0:n] = sum_k bf16(A[r][k]) * B[k, 0:n] for r < m; B bf16 with row stride ldb; C row
+// stride ldc; n <= 512.
+ONNXGEN_AMX inline void gemm_tile(const float* const* A, int64_t m, const uint16_t* B, int64_t ldb, int64_t K, int n,
+                                  float* C, int64_t ldc) {
+  const int64_t kp = depth(K), mp = rows_padded(m);
+  uint16_t* a = scratch16(0, mp * kp);
+  uint16_t* b = scratch16(1, packed_size(K, n));
+  stage_rows(A, m, K, mp, kp, a);
+  pack_columns(B, ldb, K, n, kp, b);
+  multiply(a, m, kp, b, n, C, ldc);
 }
 
 }  // namespace amx

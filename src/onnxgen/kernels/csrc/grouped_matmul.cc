@@ -2,6 +2,12 @@
 //
 // The (m, j) rows are grouped by g, then one parallel pass over (group, 64-column tile) items
 // runs the GEMM core (gemm.h): each group's weights stream from memory once per call.
+//
+// Dense form, private to onnxgen.passes.bf16_linear (a session-time rewrite, never in a model
+// file): a node with no group_indices is a linear layer, output = input @ weights with weights
+// [K, N] of any float type (bf16 in practice) and input [..., K]: output [..., N] in the input's
+// type.  Constant bf16 weights on an AMX CPU are packed into the tile layout once, when the
+// kernel is created; each call then streams only the packed weights.
 #include <algorithm>
 #include <vector>
 
@@ -14,15 +20,83 @@ namespace {
 constexpr const char* kOp = "GroupedMatMul";
 
 struct GroupedMatMulKernel : KernelBase<GroupedMatMulKernel> {
-  explicit GroupedMatMulKernel(const OrtKernelInfo*) {}
+  std::vector<uint16_t> packed;  // dense form: constant bf16 weights in AMX tile layout
+  int64_t packed_k = 0, packed_n = 0;
+
+  explicit GroupedMatMulKernel(const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo ki(info);
+    if (ki.GetInputCount() != 2 || !amx::available()) return;
+    int constant = 0;
+    Ort::ConstValue w = ki.GetTensorConstantInput(1, &constant);
+    if (!constant) return;
+    auto shape_info = w.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> shape = shape_info.GetShape();
+    if (shape_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || shape.size() != 2) return;
+    packed_k = shape[0], packed_n = shape[1];
+    packed.resize(size_t(amx::packed_size(packed_k, packed_n)));
+    amx::pack_columns(static_cast<const uint16_t*>(w.GetTensorRawData()), packed_n, packed_k, int(packed_n),
+                      amx::depth(packed_k), packed.data());
+  }
 
   void Compute(Ort::KernelContext& ctx) {
+    if (ctx.GetInputCount() == 2) return dense(ctx);
+    grouped(ctx);
+  }
+
+  // output[..., 0:N] = input[..., 0:K] @ weights[K, N] (the dense form: see the top of the file).
+  void dense(Ort::KernelContext& ctx) {
+    const Input x = read_input(ctx, 0), w = read_input(ctx, 1);
+    const DType T = float_type(kOp, "input", x.type), WT = float_type(kOp, "weights", w.type);
+    if (x.shape.empty()) fail(kOp, "input must have rank >= 1, got a scalar");
+    expect_rank(kOp, "weights", w, 2);
+    const int64_t K = x.shape.back(), N = w.dim(1), M = K > 0 ? x.size() / K : 0;
+    if (w.dim(0) != K)
+      fail(kOp, "shapes do not agree: input ", shape_str(x.shape), ", weights ", shape_str(w.shape));
+    std::vector<int64_t> out_shape(x.shape.begin(), x.shape.end() - 1);
+    out_shape.push_back(N);
+    Ort::UnownedValue out_value = ctx.GetOutput(0, out_shape);
+    char* out = static_cast<char*>(out_value.GetTensorMutableRawData());
+    if (M == 0 || N == 0) return;
+    const float* xs = x.as<float>();
+    if (T != DType::f32) {
+      float* x32 = gemm::scratch(1, M * K);
+      load_row(x.data, T, x32, M * K);
+      xs = x32;
+    }
+    std::vector<const float*> rows(static_cast<size_t>(M));
+    for (int64_t r = 0; r < M; ++r) rows[size_t(r)] = xs + r * K;
+    float* c = T == DType::f32 ? reinterpret_cast<float*>(out) : gemm::scratch(0, M * N);
+    const int64_t tile = gemm::tile_columns(M), tiles = (N + tile - 1) / tile;
+    if (!packed.empty() && packed_k == K && packed_n == N) {
+      const int64_t kp = amx::depth(K), mp = amx::rows_padded(M);
+      std::vector<uint16_t> a(static_cast<size_t>(mp * kp));
+      amx::stage_rows(rows.data(), M, K, mp, kp, a.data());
+      parallel_for(ctx, size_t(tiles), [&](size_t item) {
+        const int64_t c0 = int64_t(item) * tile, nc = std::min<int64_t>(tile, N - c0);
+        amx::multiply(a.data(), M, kp, packed.data() + (c0 / 16) * kp * 16, int(nc), c + c0, N);
+      });
+    } else {
+      const size_t es = dtype_size(WT);
+      parallel_for(ctx, size_t(tiles), [&](size_t item) {
+        const int64_t c0 = int64_t(item) * tile, nc = std::min<int64_t>(tile, N - c0);
+        gemm::gemm_tile(rows.data(), M, static_cast<const char*>(w.data) + size_t(c0) * es, WT, N, K, int(nc), c + c0, N);
+      });
+    }
+    if (T != DType::f32)
+      parallel_for(ctx, size_t((M + 63) / 64), [&](size_t chunk) {
+        for (int64_t r = int64_t(chunk) * 64; r < std::min(M, int64_t(chunk + 1) * 64); ++r)
+          store_row(c + r * N, T, out + size_t(r * N) * dtype_size(T), N);
+      });
+  }
+
+  void grouped(Ort::KernelContext& ctx) {
     const Input x = read_input(ctx, 0), w = read_input(ctx, 1), ind = read_input(ctx, 2), bias = read_input(ctx, 3);
     const DType T = float_type(kOp, "input", x.type);
     float_type(kOp, "weights", w.type);
     if (w.type != x.type)
       fail(kOp, "input 'weights' must have the type of 'input' (element type ", int(x.type), "), got element type ",
            int(w.type));
+    if (!ind.present()) fail(kOp, "input 'group_indices' is missing (only a dense node, with inputs input and weights alone, omits it)");
     expect_type(kOp, "group_indices", ind, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, "int64");
     expect_rank(kOp, "input", x, 2);
     expect_rank(kOp, "weights", w, 3);
@@ -103,8 +177,22 @@ struct GroupedMatMulKernel : KernelBase<GroupedMatMulKernel> {
 };
 
 struct GroupedMatMulOp : OpBase<GroupedMatMulOp, GroupedMatMulKernel> {
-  static constexpr uint32_t kOptionalInputs = 0b1000, kOptionalOutputs = 0;
+  // group_indices is optional here only for the dense form (see the top of the file).
+  static constexpr uint32_t kOptionalInputs = 0b1100, kOptionalOutputs = 0;
   static constexpr OutputSpec kOutputs[] = {{0, -1, 3}};
+  GroupedMatMulOp() {
+    this->InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
+      size_t inputs = 0;
+      if (OrtStatus* s = Ort::GetApi().ShapeInferContext_GetInputCount(ctx, &inputs)) return s;
+      if (inputs >= 3) return infer_outputs(ctx, kOutputs, 1);
+      OrtTensorTypeAndShapeInfo* info = nullptr;  // dense: the input's rank
+      if (OrtStatus* s = Ort::GetApi().ShapeInferContext_GetInputTypeShape(ctx, 0, &info)) return s;
+      size_t rank = 0;
+      if (OrtStatus* s = Ort::GetApi().GetDimensionsCount(info, &rank)) return s;
+      const OutputSpec dense[] = {{0, -1, int(rank)}};
+      return infer_outputs(ctx, dense, 1);
+    };
+  }
   const char* GetName() const { return "GroupedMatMul"; }
   size_t GetInputTypeCount() const { return 4; }
   size_t GetOutputTypeCount() const { return 1; }
