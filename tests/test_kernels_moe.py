@@ -76,9 +76,24 @@ def moe_inputs(rng, tokens, hidden, experts, inter, *, gated=1, dtype=np.float32
     }
 
 
-def check_moe(inputs, **attrs):
+def check_moe(inputs, constant_weights=False, **attrs):
+    """``constant_weights``: the expert weights as initializers (the kernel may prepack them)."""
     model = single_node_model("MoE", inputs, ["Y", "topk_indices", "topk_weights"], **attrs)
-    y, indices, weights = run_kernel(model, inputs)
+    feeds_ = dict(inputs)
+    if constant_weights:
+        from onnx import TensorProto, helper
+
+        for name in ("gate_up_weights", "down_weights"):
+            array = feeds_.pop(name)
+            if array.dtype == BF16:
+                tensor = helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, array.view(np.uint16).tobytes(), raw=True)
+            else:
+                tensor = onnx.numpy_helper.from_array(array, name)
+            model.graph.initializer.append(tensor)
+            kept = [i for i in model.graph.input if i.name != name]
+            del model.graph.input[:]
+            model.graph.input.extend(kept)
+    y, indices, weights = run_kernel(model, feeds_)
     want_y, want_indices, want_weights = moe(*inputs.values(), **attrs)
     np.testing.assert_array_equal(indices, want_indices)
     np.testing.assert_allclose(weights, want_weights, rtol=1e-5, atol=1e-6)
@@ -400,3 +415,14 @@ print("ok")
     env = {**os.environ, "ONNXGEN_NO_AMX": "1"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
+def test_constant_expert_weights(rng, dtype, layout):
+    """Expert weights as initializers: bf16 ones are packed for the AMX tiles at session creation
+    (where the CPU has AMX; an intermediate size not a multiple of 16 takes the per-call path for
+    the up half), decode and prefill sizes."""
+    for tokens, inter in ((3, 64), (70, 72), (40, 40)):
+        check_moe(moe_inputs(rng, tokens, 96, 4, inter, dtype=dtype, gate_up_bias=True), constant_weights=True, k=2,
+                  gate_up_layout=layout)

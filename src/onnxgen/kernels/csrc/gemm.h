@@ -199,5 +199,16 @@ inline void gemm_tile(const float* const* A, int64_t m, const void* B, DType bt,
   }
 }
 
+// gemm_tile over a weight matrix packed once by amx::pack_columns (all its columns, K deep):
+// the tile's columns start at `col`, a multiple of 16.  A's rows are staged per call.
+inline void gemm_tile_packed(const float* const* A, int64_t m, const uint16_t* packed, int64_t K, int64_t col, int n,
+                             float* C, int64_t ldc) {
+  if (m <= 0 || n <= 0) return;
+  const int64_t kp = amx::depth(K), mp = amx::rows_padded(m);
+  uint16_t* a = amx::scratch16(0, mp * kp);
+  amx::stage_rows(A, m, K, mp, kp, a);
+  amx::multiply(a, m, kp, packed + (col / 16) * kp * 16, n, C, ldc);
+}
+
 }  // namespace gemm
 }  // namespace onnxgen

@@ -254,9 +254,37 @@ void activate(Act act, bool gated, float alpha, float limit, const float* gate, 
 
 // ---- the kernel ---------------------------------------------------------------------------
 
+// Constant bf16 expert weights [E, K, N] packed per expert into AMX tile layout, once.
+struct PackedExperts {
+  std::vector<std::vector<uint16_t>> experts;
+  int64_t k = 0, n = 0;
+  bool fits(int64_t E, int64_t K, int64_t N) const { return int64_t(experts.size()) == E && k == K && n == N; }
+  const uint16_t* operator[](int64_t e) const { return experts[size_t(e)].data(); }
+
+  PackedExperts(const OrtKernelInfo* info, size_t input) {
+    if (!amx::available()) return;
+    Ort::ConstKernelInfo ki(info);
+    if (ki.GetInputCount() <= input) return;
+    int constant = 0;
+    Ort::ConstValue w = ki.GetTensorConstantInput(input, &constant);
+    if (!constant) return;
+    auto shape_info = w.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> shape = shape_info.GetShape();
+    if (shape_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || shape.size() != 3) return;
+    k = shape[1], n = shape[2];
+    const uint16_t* data = static_cast<const uint16_t*>(w.GetTensorRawData());
+    experts.resize(size_t(shape[0]));
+    for (int64_t e = 0; e < shape[0]; ++e) {
+      experts[size_t(e)].resize(size_t(amx::packed_size(k, n)));
+      amx::pack_columns(data + e * k * n, n, k, int(n), amx::depth(k), experts[size_t(e)].data());
+    }
+  }
+};
+
 struct MoEKernel : KernelBase<MoEKernel> {
   Attributes attrs;
-  explicit MoEKernel(const OrtKernelInfo* info) : attrs(info) {}
+  PackedExperts gate_up, down;  // empty unless the weights are constant bf16 and the CPU has AMX
+  explicit MoEKernel(const OrtKernelInfo* info) : attrs(info), gate_up(info, 2), down(info, 4) {}
 
   void Compute(Ort::KernelContext& ctx) {
     const Attributes& a = attrs;
@@ -394,6 +422,7 @@ struct MoEKernel : KernelBase<MoEKernel> {
     }
 
     const size_t ws = dtype_size(T);
+    const bool packed_gate_up = gate_up.fits(E, hidden, n1), packed_down = down.fits(E, inter, hidden);
     const char* w1 = static_cast<const char*>(gu.data);
     const char* w2 = static_cast<const char*>(dw.data);
     int64_t most_rows = 0;
@@ -413,7 +442,10 @@ struct MoEKernel : KernelBase<MoEKernel> {
       float* h = hbuf + r0 * n1;
       // The B column ranges of this item: [first, first + width) (and the up half when concatenated).
       auto run = [&](int64_t col, int64_t width) {
-        gemm::gemm_tile(xrows.data() + r0, m, we + col * ws, T, n1, hidden, int(width), h + col, n1);
+        if (packed_gate_up && col % 16 == 0)
+          gemm::gemm_tile_packed(xrows.data() + r0, m, gate_up[e], hidden, col, int(width), h + col, n1);
+        else
+          gemm::gemm_tile(xrows.data() + r0, m, we + col * ws, T, n1, hidden, int(width), h + col, n1);
         if (!bias1.empty())
           for (int64_t r = 0; r < m; ++r)
             for (int64_t j = 0; j < width; ++j) h[r * n1 + col + j] += bias1[e * n1 + col + j];
@@ -452,8 +484,11 @@ struct MoEKernel : KernelBase<MoEKernel> {
       const int64_t r0 = start[e], m = start[e + 1] - r0;
       const int64_t c0 = tile * kTile, nc = std::min<int64_t>(kTile, hidden - c0);
       float* o = obuf + r0 * hidden + c0;
-      gemm::gemm_tile(arows.data() + r0, m, w2 + (size_t(e) * inter * hidden + c0) * ws, T, hidden, inter, int(nc), o,
-                      hidden);
+      if (packed_down && c0 % 16 == 0)
+        gemm::gemm_tile_packed(arows.data() + r0, m, down[e], inter, c0, int(nc), o, hidden);
+      else
+        gemm::gemm_tile(arows.data() + r0, m, w2 + (size_t(e) * inter * hidden + c0) * ws, T, hidden, inter, int(nc), o,
+                        hidden);
       if (!bias2.empty())
         for (int64_t r = 0; r < m; ++r)
           for (int64_t j = 0; j < nc; ++j) o[r * hidden + j] += bias2[e * hidden + c0 + j];
