@@ -1,6 +1,6 @@
 """fuse_attention: exported scaled-dot-product attention -> the standard ONNX ``Attention`` (opset 23).
 
-torch.onnx (TorchScript or dynamo, opset < 23) writes ``F.scaled_dot_product_attention`` and
+torch.onnx's TorchScript exporter (opset < 23) writes ``F.scaled_dot_product_attention`` and
 transformers' eager attention as
 
     scores = MatMul(q [* sq], kᵀ [* sk]) [* s]     q [B, H, S, D]; kᵀ = Transpose(k, [0,1,3,2]) of k [B, H, L, D]
@@ -9,8 +9,9 @@ transformers' eager attention as
     out    = MatMul(Softmax(scores, axis=-1), v)    v [B, H, L, Dv]
 
 (diffusers' UNet and VAE scale q and kᵀ each by ``Sqrt(1 / Sqrt(head_size))``, computed from q's
-shape; CLIP's text encoder scales them by constants and adds a causal mask).  Each match becomes
-one ``Attention`` node:
+shape; CLIP's text encoder scales them by constants and adds a causal mask).  The dynamo
+exporter's kᵀ, ``Reshape(Transpose(Reshape(k, [-1, L, D]), [0, 2, 1]), [B, H, D, L])``, is not
+matched (yet).  Each match becomes one ``Attention`` node:
 
 - scale: constant scale factors are folded into the ``scale`` attribute; the diffusers form
   ``Sqrt(1/Sqrt(Shape(q)[-1]))`` on both sides is the op's default ``1/sqrt(head_size)`` and
