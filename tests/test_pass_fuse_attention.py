@@ -7,7 +7,8 @@ order 1), in the 3-D and the 4-D form, and hold one Attention node per attention
 Softmax.  On hand-built graphs: a mask whose shape fits ``attn_mask`` is passed as one (same
 outputs); a mask that does not (a [B, 1, 1, L] padding mask), a Softmax that is not over the last
 axis, a dynamic scale on the scores and broadcast batch are left alone.  test_text2image.py checks
-the default (fused) export against diffusers.
+the default (fused) export against diffusers.  The dynamo exporter's UNet and VAE (its kᵀ through a
+3-D reshape round trip) are fused and checked the same way.
 """
 
 from __future__ import annotations
@@ -101,6 +102,25 @@ def test_fused_component_matches_unfused(unfused, checkpoint, component, three_d
     for ours, theirs in zip(_run(fused, feeds), _run(str(unfused / f"{component}.onnx"), feeds)):
         assert ours.shape == theirs.shape
         assert np.abs(theirs).max() < 20
+        assert np.abs(ours - theirs).max() <= TOLERANCE, np.abs(ours - theirs).max()
+
+
+@pytest.fixture(scope="module")
+def unfused_dynamo(checkpoint):
+    from onnxgen.export.diffusion import export_diffusion
+
+    return export_diffusion(checkpoint, checkpoint.parent / "unfused-dynamo", dynamo=True, fuse_attention=False)
+
+
+@pytest.mark.parametrize("component", ["unet", "vae_decoder"])
+def test_fused_dynamo_component_matches_unfused(unfused_dynamo, checkpoint, component, rng):
+    """The dynamo exporter writes kᵀ as Reshape(Transpose(Reshape(k))) and constant scales."""
+    source = onnx.load(str(unfused_dynamo / f"{component}.onnx"))
+    fused = fuse_attention(source)
+    assert _ops(fused).count("Attention") == _attention_modules(component, load_components(checkpoint))
+    assert "Softmax" not in _ops(fused) and _opset(fused) == 23
+    feeds = _feeds(component, rng)
+    for ours, theirs in zip(_run(fused, feeds), _run(source, feeds)):
         assert np.abs(ours - theirs).max() <= TOLERANCE, np.abs(ours - theirs).max()
 
 

@@ -1,6 +1,6 @@
 """fuse_attention: exported scaled-dot-product attention -> the standard ONNX ``Attention`` (opset 23).
 
-torch.onnx's TorchScript exporter (opset < 23) writes ``F.scaled_dot_product_attention`` and
+torch.onnx (opset < 23) writes ``F.scaled_dot_product_attention`` and
 transformers' eager attention as
 
     scores = MatMul(q [* sq], kᵀ [* sk]) [* s]     q [B, H, S, D]; kᵀ = Transpose(k, [0,1,3,2]) of k [B, H, L, D]
@@ -10,8 +10,10 @@ transformers' eager attention as
 
 (diffusers' UNet and VAE scale q and kᵀ each by ``Sqrt(1 / Sqrt(head_size))``, computed from q's
 shape; CLIP's text encoder scales them by constants and adds a causal mask).  The dynamo
-exporter's kᵀ, ``Reshape(Transpose(Reshape(k, [-1, L, D]), [0, 2, 1]), [B, H, D, L])``, is not
-matched (yet).  Each match becomes one ``Attention`` node:
+exporter writes kᵀ as ``Reshape(Transpose(Reshape(k, [-1, L, D]), [0, 2, 1]), [B, H, D, L])``,
+matched when shape inference shows those reshape shapes; its masked attention (CLIP) guards the
+softmax with ``Where(IsNaN(p), 0, p)``, which is not matched: a fully masked row gives 0 there and
+NaN from ``Attention``.  Each match becomes one ``Attention`` node:
 
 - scale: constant scale factors are folded into the ``scale`` attribute; the diffusers form
   ``Sqrt(1/Sqrt(Shape(q)[-1]))`` on both sides is the op's default ``1/sqrt(head_size)`` and
@@ -74,8 +76,10 @@ class ScaledDotProductAttention(pattern.RewriteRuleClassBase):
     def pattern(self, op, q, k, v, q_scale, k_scale, qk_scale, mask):
         q = pattern.OrValue([op.Mul(q, q_scale), op.Div(q, q_scale), q], tag_var="q_scaling",
                             tag_values=["Mul", "Div", None])
-        k_t = pattern.OrValue([op.Transpose(k, perm=[0, 1, 3, 2]), op.Transpose(k, perm=[0, 2, 3, 1])],
-                              tag_var="key_layout", tag_values=["BHLD", "BLHD"])
+        k_t = pattern.OrValue([op.Transpose(k, perm=[0, 1, 3, 2]), op.Transpose(k, perm=[0, 2, 3, 1]),
+                               op.Reshape(op.Transpose(op.Reshape(k, pattern.ANY_VALUE), perm=[0, 2, 1]),
+                                          pattern.ANY_VALUE)],
+                              tag_var="key_layout", tag_values=["BHLD", "BLHD", "BHLD-3d"])
         k_t = pattern.OrValue([op.Mul(k_t, k_scale), op.Div(k_t, k_scale), k_t], tag_var="k_scaling",
                               tag_values=["Mul", "Div", None])
         scores = op.MatMul(q, k_t)
@@ -100,6 +104,11 @@ class ScaledDotProductAttention(pattern.RewriteRuleClassBase):
             return self._fail(result, "q, k or v is not known to be 4-D (shape inference gave no rank 4)", q)
         if key_layout == "BLHD":
             kd = [kd[0], kd[2], kd[1], kd[3]]
+        elif key_layout == "BHLD-3d":  # dynamo: kᵀ through [X, L, D] -> [X, D, L] -> [B, H, D, L]
+            failure = _three_d_round_trip_failure(context, k, kd)
+            if failure:
+                return self._fail(result, failure, k)
+            key_layout = "BHLD"
         if q.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE):
             return self._fail(result, f"q of type {q.dtype}", q)
         # MatMul broadcasts batch and heads; Attention wants them equal (a single shared kv head is GQA's
@@ -154,7 +163,7 @@ class ScaledDotProductAttention(pattern.RewriteRuleClassBase):
             q_in, k_in, v_in = (op.Reshape(x, flat) for x in plan.sources)
             attrs["q_num_heads"], attrs["kv_num_heads"] = plan.heads
         else:
-            q_in, k_in, v_in = q, (k if key_layout == "BHLD" else op.Transpose(k, perm=[0, 2, 1, 3])), v
+            q_in, k_in, v_in = q, (op.Transpose(k, perm=[0, 2, 1, 3]) if key_layout == "BLHD" else k), v
         for kind, value in plan.q_ops:
             q_in = getattr(op, kind)(q_in, value)
         for kind, value in plan.k_ops:
@@ -311,6 +320,24 @@ def _is_last_dim_of(value: ir.Value, q: ir.Value) -> bool:
     return False
 
 
+def _three_d_round_trip_failure(context, k: ir.Value, kd: list) -> str | None:
+    """None when Reshape(Transpose(Reshape(k, .), [0, 2, 1]), .) provably is k [B, H, L, D] transposed
+    to [B, H, D, L]: the first reshape keeps [L, D] last, the second gives [B, H, D, L]."""
+    first = next((n for n in context.nodes if n.op_type == "Reshape" and n.inputs[0] is k), None)
+    transpose = next(iter(first.outputs[0].uses())).node if first is not None else None
+    second = next(iter(transpose.outputs[0].uses())).node if transpose is not None else None
+    if second is None or second.op_type != "Reshape":
+        return "kᵀ through reshapes that were not found"
+    flat, back = first.outputs[0].shape, second.outputs[0].shape
+    if flat is None or back is None or flat.rank() != 3 or back.rank() != 4:
+        return "kᵀ through reshapes of unknown rank"
+    flat, back = [_dim(d) for d in flat], [_dim(d) for d in back]
+    if not (_same(flat[1], kd[2]) and _same(flat[2], kd[3])
+            and all(_same(a, b) for a, b in zip(back, [kd[0], kd[1], kd[3], kd[2]]))):
+        return f"kᵀ through reshapes to {flat} and {back}, not provably k {kd} transposed"
+    return None
+
+
 def _three_d_sources(q, k, v, key_layout):
     """The [B, S, H, D] tensors under q, k and v and (q heads, kv heads), or (None, None)."""
     def under(x):  # x = Transpose(s, [0, 2, 1, 3])
@@ -321,7 +348,7 @@ def _three_d_sources(q, k, v, key_layout):
         return node.inputs[0]
 
     sq, sv = under(q), under(v)
-    sk = k if key_layout == "BLHD" else under(k)
+    sk = k if key_layout == "BLHD" else under(k)  # (BHLD-3d: k is BHLD)
     if sq is None or sk is None or sv is None:
         return None, None
     dq, dk, dv = _dims(sq), _dims(sk), _dims(sv)
