@@ -1,7 +1,6 @@
 """fuse_attention: exported scaled-dot-product attention -> the standard ONNX ``Attention`` (opset 23).
 
-torch.onnx (opset < 23) writes ``F.scaled_dot_product_attention`` and
-transformers' eager attention as
+torch.onnx (opset < 23) writes ``F.scaled_dot_product_attention`` and transformers' eager attention as
 
     scores = MatMul(q [* sq], kᵀ [* sk]) [* s]     q [B, H, S, D]; kᵀ = Transpose(k, [0,1,3,2]) of k [B, H, L, D]
                                                     or Transpose(k, [0,2,3,1]) of k [B, L, H, D]
