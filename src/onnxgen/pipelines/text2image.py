@@ -38,7 +38,7 @@ from .clip_tokenizer import CLIPTokenizer
 
 FORMAT = "onnxgen.text2image/1"
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
-DEFAULT_RECIPE = "sd-tiny-v1"
+DEFAULT_RECIPE = "sd-tiny-v2"  # v2: exported with the attention fusion (opset 23)
 DEFAULT_SEED = 20261124
 
 
