@@ -109,3 +109,34 @@ def test_onnxruntime_genai_and_onnxgen_give_the_same_greedy_tokens(tmp_path, rng
     assert len(ours.token_ids[0]) == len(theirs.token_ids[0]) == 8
     for tokens in (ours.token_ids[0], theirs.token_ids[0]):  # both equal transformers' (up to a tie in its scores)
         assert_greedy_matches(hf, prompt, tokens)
+
+
+def test_openvino_genai_and_onnxgen_give_the_same_greedy_tokens(tmp_path, rng):
+    """The same random Llama through openvino-genai (the IR optimum-intel converts) and onnxgen.
+
+    optimum-intel needs an older transformers than this project's, so it lives in a separate venv
+    (``ONNXGEN_PEERS_VENV``, default /work/peers-venv; benchmarks/serving_peers.py says how to make
+    it); where that venv is absent this test cannot convert the model and is skipped."""
+    pytest.importorskip("openvino_genai")
+    pytest.importorskip("torch")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    import serving_peers
+
+    if not (serving_peers.PEERS_VENV / "bin" / "optimum-cli").exists():
+        pytest.skip(f"no optimum-cli in {serving_peers.PEERS_VENV}: openvino-genai needs a model optimum-intel converts")
+    from hf_models import assert_greedy_matches, tiny_checkpoint
+    from onnxgen.export.llm import build
+
+    hf = tiny_checkpoint("llama", tmp_path / "hf", 13, hidden_size=64)
+    build(tmp_path / "hf", tmp_path / "onnx", block_size=4)
+    factory = Text2TextPipelineFactory.get_instance()
+    prompt = list(map(int, rng.integers(3, 97, 6)))
+    theirs = factory.create("openvino-genai", serving_peers.openvino_ir(tmp_path / "hf"),
+                            DeviceFactory.get_instance().enumerate("openvino-genai")[:1])(prompt, max_new_tokens=8)
+    ours = factory.create("onnxgen", tmp_path / "onnx")(prompt, max_new_tokens=8, ignore_eos=True)
+    assert len(ours.token_ids[0]) == len(theirs.token_ids[0]) == 8
+    for tokens in (ours.token_ids[0], theirs.token_ids[0]):  # both equal transformers' (up to a tie in its scores)
+        assert_greedy_matches(hf, prompt, tokens)
