@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 
 import httpx
@@ -16,6 +14,8 @@ import pytest
 
 from onnxgen.engine import LLMEngine, SamplingParams
 from onnxgen.serve import AsyncEngine, Metrics, ServedModel, create_app
+
+from loopback_server import Server
 
 KEY = "test-key"
 
@@ -28,29 +28,6 @@ def default_folder(tmp_path_factory):
 
     os.environ["ONNXGEN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     return default_model.default_model(progress=False)
-
-
-class Server:
-    """uvicorn on a free loopback port, in a thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "the server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 def start(folder, api_key=KEY, max_waiting=256, **engine_options):
