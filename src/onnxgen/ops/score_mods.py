@@ -189,23 +189,28 @@ def compose(*mods: onnx.GraphProto) -> onnx.GraphProto:
         def name(x, i=i):
             return rename.get(x, f"c{i}_{x}") if x else x
 
-        for t in mod.initializer:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(t)
-            copy.name = name(t.name)
-            initializers.append(copy)
-        for node in mod.node:
-            copy = onnx.NodeProto()
-            copy.CopyFrom(node)
-            copy.input[:] = [name(x) for x in node.input]
-            copy.output[:] = [name(x) for x in node.output]
-            copy.name = name(node.name or node.output[0])
-            nodes.append(copy)
+        _copy_renamed(mod, name, initializers, nodes)
         score = name(mod.output[0].name)
     nodes.append(helper.make_node("Identity", [score], [OUTPUT], name="compose_out"))
     inputs = [helper.make_tensor_value_info(n, t, []) for n, t in zip(INPUT_NAMES, INPUT_TYPES)]
     return helper.make_graph(nodes, "_".join(m.name for m in mods), inputs,
                              [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [])], initializer=initializers)
+
+
+def _copy_renamed(mod: onnx.GraphProto, name, initializers: list, nodes: list) -> None:
+    """Append copies of ``mod``'s initializers and nodes, every value renamed by ``name``."""
+    for t in mod.initializer:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(t)
+        copy.name = name(t.name)
+        initializers.append(copy)
+    for node in mod.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[:] = [name(x) for x in node.input]
+        copy.output[:] = [name(x) for x in node.output]
+        copy.name = name(node.name or node.output[0])
+        nodes.append(copy)
 
 
 def flex_score_mod(mod: onnx.GraphProto) -> onnx.GraphProto:
@@ -229,18 +234,7 @@ def flex_score_mod(mod: onnx.GraphProto) -> onnx.GraphProto:
         return rename.get(x, f"m_{x}") if x else x
 
     nodes = list(g.nodes)
-    for t in mod.initializer:
-        copy = onnx.TensorProto()
-        copy.CopyFrom(t)
-        copy.name = name(t.name)
-        g.initializers.append(copy)
-    for node in mod.node:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.input[:] = [name(x) for x in node.input]
-        copy.output[:] = [name(x) for x in node.output]
-        copy.name = name(node.name or node.output[0])
-        nodes.append(copy)
+    _copy_renamed(mod, name, g.initializers, nodes)
     nodes.append(helper.make_node("Expand", [name(mod.output[0].name), shape], ["scores_out"], name="flex_expand"))
     four_d = [None] * 4
     return helper.make_graph(nodes, f"flex_{mod.name}",
