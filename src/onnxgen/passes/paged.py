@@ -108,6 +108,17 @@ class _PagedRule(pattern.RewriteRuleClassBase):
             return None, self._fail(result, "key and value come from different layers' caches")
         return (kc, knew, vnew), result
 
+    def _cache_and_window(self, result, key, value, mask):
+        """The checks every rule ends with: where the cache comes from, and the mask's window."""
+        found, result = self._sources(result, key, value)
+        if found is None:
+            return result
+        window, result = self._window(result, mask)
+        if window is None:
+            return result
+        self._found, self._window_size = found, window
+        return result
+
     def _window(self, result, mask: ir.Value | None):
         if mask is None:
             return None, self._fail(result, "no attention mask: cannot tell causal from bidirectional")
@@ -160,14 +171,7 @@ class AttentionOp(_PagedRule):
             return self._fail(result, "the query is not 4D [batch, heads, seq, head_dim]", q)
         if _static(q.shape[1]) is None:
             return self._fail(result, "the number of query heads is not static", q)
-        found, result = self._sources(result, k, v)
-        if found is None:
-            return result
-        window, result = self._window(result, mask)
-        if window is None:
-            return result
-        self._found, self._window_size = found, window
-        return result
+        return self._cache_and_window(result, k, v, mask)
 
     def rewrite(self, op, q, k, v, mask, **_):
         cache, knew, vnew = self._found
@@ -225,14 +229,8 @@ class MatMulSoftmax(_PagedRule):
             softcap = float(c1)
         if q.shape is None or q.shape.rank() != 4 or _static(q.shape[1]) is None:
             return self._fail(result, "the query is not 4D [batch, heads, seq, head_dim] with static heads", q)
-        found, result = self._sources(result, k, v)
-        if found is None:
-            return result
-        window, result = self._window(result, mask)
-        if window is None:
-            return result
-        self._found, self._window_size, self._scale, self._softcap = found, window, scale, softcap
-        return result
+        self._scale, self._softcap = scale, softcap
+        return self._cache_and_window(result, k, v, mask)
 
     def rewrite(self, op, q, k, v, mask, **_):
         cache, knew, vnew = self._found
