@@ -13,12 +13,12 @@ whenever the recipe does.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from .cache import build_once, cache_dir
 
 RECIPE = "mixtral-tiny-v1"
 SEED = 20261124
@@ -55,10 +55,6 @@ CHAT_TEMPLATE = (
     "{% else %}{{ raise_exception('roles are system, user and assistant; got ' + message['role']) }}{% endif %}"
     "{% endfor %}"
 )
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ONNXGEN_CACHE", Path.home() / ".cache" / "onnxgen"))
 
 
 def random_weights(config: dict, seed: int = SEED) -> dict[str, np.ndarray]:
@@ -121,23 +117,13 @@ def default_model(progress: bool = True) -> Path:
     """The default model's folder (``onnxgen.json``, ``model.onnx``, tokenizer), built if missing."""
     from .export.llm import build
 
-    target = cache_dir() / RECIPE
-    if (target / "onnxgen.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{RECIPE}-") as work:
-        work = Path(work)
+    def make(work: Path) -> Path:
         if progress:
-            print(f"building the default model (random-weight Mixtral-style MoE, once) in {target}")
+            print(f"building the default model (random-weight Mixtral-style MoE, once) in {cache_dir() / RECIPE}")
         write_checkpoint(work / "checkpoint")
-        bar = _progress_bar(progress, CONFIG["num_hidden_layers"])
-        build(work / "checkpoint", work / "model", progress=bar)
-        try:
-            (work / "model").rename(target)  # atomic: a concurrent build of the same recipe just loses
-        except OSError:
-            if not (target / "onnxgen.json").exists():
-                raise
-    return target
+        return build(work / "checkpoint", work / "model", progress=_progress_bar(progress, CONFIG["num_hidden_layers"]))
+
+    return build_once(RECIPE, make)
 
 
 def _progress_bar(enabled: bool, total: int):

@@ -32,16 +32,14 @@ import time
 import warnings
 from pathlib import Path
 
+from ..cache import cache_dir
+
 CACHE_FILE = "context-hashes.json"
 CACHE_VERSION = 1
 # Files changed this recently when hashing starts are hashed but not cached: a later change within
 # the file system's timestamp granularity could leave their identity as it was.
 RACY_NS = 100_000_000
 MAX_ENTRIES = 4096
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ONNXGEN_CACHE", Path.home() / ".cache" / "onnxgen"))
 
 
 def file_identity(path: str | os.PathLike) -> list | None:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache import build_once, cache_dir
 from . import schedulers
 from .clip_tokenizer import CLIPTokenizer
 
@@ -87,10 +88,6 @@ class ImageGenerationConfig:
 GenerationConfig = ImageGenerationConfig  # the header's name, inside the Text2Image namespace
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("ONNXGEN_CACHE", Path.home() / ".cache" / "onnxgen"))
-
-
 def default_image_model(progress: bool = True) -> Path:
     """The embedded default's folder, built on first use (needs torch and diffusers: the export extra).
 
@@ -99,11 +96,9 @@ def default_image_model(progress: bool = True) -> Path:
     Its images are noise-like (the weights are random) but every step of the path is the real one.
     """
     import shutil
-    import tempfile
 
-    target = cache_dir() / DEFAULT_RECIPE
-    if (target / "onnxgen.json").exists():
-        return target
+    if (cache_dir() / DEFAULT_RECIPE / "onnxgen.json").exists():
+        return cache_dir() / DEFAULT_RECIPE
     try:
         import diffusers  # noqa: F401
         import torch  # noqa: F401
@@ -113,21 +108,15 @@ def default_image_model(progress: bool = True) -> Path:
                           "`onnxgen export-diffusion`") from error
     from ..export.diffusion import BENCH_CONFIG, export_diffusion, write_random_checkpoint
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{DEFAULT_RECIPE}-") as work:
-        work = Path(work)
+    def make(work: Path) -> Path:
         if progress:
-            print(f"building the default image model (random-weight SD-style, once) in {target}")
+            print(f"building the default image model (random-weight SD-style, once) in {cache_dir() / DEFAULT_RECIPE}")
         write_random_checkpoint(work / "checkpoint", BENCH_CONFIG, seed=DEFAULT_SEED)
-        bar = _export_bar() if progress else None
-        export_diffusion(work / "checkpoint", work / "model", progress=bar)
+        export_diffusion(work / "checkpoint", work / "model", progress=_export_bar() if progress else None)
         shutil.rmtree(work / "checkpoint")
-        try:
-            (work / "model").rename(target)  # atomic: a concurrent build of the same recipe just loses
-        except OSError:
-            if not (target / "onnxgen.json").exists():
-                raise
-    return target
+        return work / "model"
+
+    return build_once(DEFAULT_RECIPE, make)
 
 
 def _export_bar():
