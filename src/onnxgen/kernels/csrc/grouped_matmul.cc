@@ -24,18 +24,12 @@ struct GroupedMatMulKernel : KernelBase<GroupedMatMulKernel> {
   int64_t packed_k = 0, packed_n = 0;
 
   explicit GroupedMatMulKernel(const OrtKernelInfo* info) {
-    Ort::ConstKernelInfo ki(info);
-    if (ki.GetInputCount() != 2 || !amx::available()) return;
-    int constant = 0;
-    Ort::ConstValue w = ki.GetTensorConstantInput(1, &constant);
-    if (!constant) return;
-    auto shape_info = w.GetTensorTypeAndShapeInfo();
-    const std::vector<int64_t> shape = shape_info.GetShape();
-    if (shape_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || shape.size() != 2) return;
-    packed_k = shape[0], packed_n = shape[1];
+    if (Ort::ConstKernelInfo(info).GetInputCount() != 2) return;  // only the dense form packs
+    const amx::ConstantWeights w = amx::constant_weights(info, 1, 2);
+    if (!w.data) return;
+    packed_k = w.shape[0], packed_n = w.shape[1];
     packed.resize(size_t(amx::packed_size(packed_k, packed_n)));
-    amx::pack_columns(static_cast<const uint16_t*>(w.GetTensorRawData()), packed_n, packed_k, int(packed_n),
-                      amx::depth(packed_k), packed.data());
+    amx::pack_columns(w.data, packed_n, packed_k, int(packed_n), amx::depth(packed_k), packed.data());
   }
 
   void Compute(Ort::KernelContext& ctx) {
@@ -69,11 +63,11 @@ struct GroupedMatMulKernel : KernelBase<GroupedMatMulKernel> {
     const int64_t tile = gemm::tile_columns(M), tiles = (N + tile - 1) / tile;
     if (!packed.empty() && packed_k == K && packed_n == N) {
       const int64_t kp = amx::depth(K), mp = amx::rows_padded(M);
-      std::vector<uint16_t> a(static_cast<size_t>(mp * kp));
-      amx::stage_rows(rows.data(), M, K, mp, kp, a.data());
+      uint16_t* a = amx::scratch16(0, mp * kp);  // this thread's; the items only read it
+      amx::stage_rows(rows.data(), M, K, mp, kp, a);
       parallel_for(ctx, size_t(tiles), [&](size_t item) {
         const int64_t c0 = int64_t(item) * tile, nc = std::min<int64_t>(tile, N - c0);
-        amx::multiply(a.data(), M, kp, packed.data() + (c0 / 16) * kp * 16, int(nc), c + c0, N);
+        amx::multiply(a, M, kp, packed.data() + (c0 / 16) * kp * 16, int(nc), c + c0, N);
       });
     } else {
       const size_t es = dtype_size(WT);

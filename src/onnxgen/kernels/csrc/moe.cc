@@ -262,21 +262,13 @@ struct PackedExperts {
   const uint16_t* operator[](int64_t e) const { return experts[size_t(e)].data(); }
 
   PackedExperts(const OrtKernelInfo* info, size_t input) {
-    if (!amx::available()) return;
-    Ort::ConstKernelInfo ki(info);
-    if (ki.GetInputCount() <= input) return;
-    int constant = 0;
-    Ort::ConstValue w = ki.GetTensorConstantInput(input, &constant);
-    if (!constant) return;
-    auto shape_info = w.GetTensorTypeAndShapeInfo();
-    const std::vector<int64_t> shape = shape_info.GetShape();
-    if (shape_info.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || shape.size() != 3) return;
-    k = shape[1], n = shape[2];
-    const uint16_t* data = static_cast<const uint16_t*>(w.GetTensorRawData());
-    experts.resize(size_t(shape[0]));
-    for (int64_t e = 0; e < shape[0]; ++e) {
+    const amx::ConstantWeights w = amx::constant_weights(info, input, 3);
+    if (!w.data) return;
+    k = w.shape[1], n = w.shape[2];
+    experts.resize(size_t(w.shape[0]));
+    for (int64_t e = 0; e < w.shape[0]; ++e) {
       experts[size_t(e)].resize(size_t(amx::packed_size(k, n)));
-      amx::pack_columns(data + e * k * n, n, k, int(n), amx::depth(k), experts[size_t(e)].data());
+      amx::pack_columns(w.data + e * k * n, n, k, int(n), amx::depth(k), experts[size_t(e)].data());
     }
   }
 };
