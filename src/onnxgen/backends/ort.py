@@ -25,7 +25,7 @@ import onnxruntime as ort
 from .. import kernels
 from ..ops.domain import DOMAIN
 from ..passes import expand
-from ..passes.bf16_linear import bf16_linear
+from ..passes.bf16_linear import bf16_linear_for_session
 from ..passes.compile_score_mod import compile_score_mods
 from ..passes.flex_kernel import flex_to_kernel
 
@@ -80,8 +80,7 @@ class Session:
             # warning names the op) keep their graph and are expanded below.
             runnable = expand(compile_score_mods(flex_to_kernel(model)), only=_needs_expansion)
             # bf16 weights: the linear layers on the tile unit, activations rounded to bf16.
-            if bf16_compute if bf16_compute is not None else kernels.has_amx():
-                runnable = bf16_linear(runnable)
+            runnable = bf16_linear_for_session(runnable, bf16_compute)
         else:
             if use_kernels:
                 warnings.warn("onnxgen's kernel library is not built: running the expanded model (slow; "

@@ -46,16 +46,19 @@ def has_onnxgen_ops(model: onnx.ModelProto) -> bool:
 
 
 def ort_session(model: onnx.ModelProto | bytes, *, library: str | None = "default", threads: int | None = None,
-                optimized_path: str | None = None, ort_format: bool = False, level=None):
+                optimized_path: str | None = None, ort_format: bool = False, level=None,
+                bf16_compute: bool | None = None):
     """An onnxruntime CPU session; onnxgen's kernels registered when the model needs them
     (``library="default"``: the package's own build), score_mods compiled and FlexAttention
     rewritten as ``onnxgen.backends.ort.session`` does (``compile_for_kernels``); nodes the
-    kernels cannot run expanded."""
+    kernels cannot run expanded; linear layers with bf16 weights on the kernels' bf16 path where
+    ``bf16_compute`` wants it (default: an AMX CPU), also as that session does."""
     import onnxruntime as ort
 
     from .. import kernels
     from ..backends.ort import _needs_expansion
     from ..passes import expand
+    from ..passes.bf16_linear import bf16_linear_for_session
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
@@ -72,18 +75,21 @@ def ort_session(model: onnx.ModelProto | bytes, *, library: str | None = "defaul
         if library:
             options.register_custom_ops_library(kernels.library_path() if library == "default" else library)
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    path = kernels.library_path() if library == "default" else library
+    # Score programs and the bf16 rewrite's dense GroupedMatMul are this onnxgen's own: made only
+    # for its own library (a shipped library blob runs score_mods expanded, as the function bodies).
+    own = bool(path) and (library == "default" or path == kernels.library_path())
     if has_onnxgen_ops(model):
-        path = kernels.library_path() if library == "default" else library
         if path:
-            options.register_custom_ops_library(path)
-            # Score programs are this onnxgen's bytecode: compiled only for its own library (a
-            # shipped library blob runs score_mods expanded, as the function bodies).
-            own = library == "default" or path == kernels.library_path()
             model = compile_for_kernels(model) if own else model
             if needs_expansion(model):
                 model = expand(model, only=_needs_expansion)
         else:
             model = expand(model)
+    if own:
+        model = bf16_linear_for_session(model, bf16_compute)
+    if path and has_onnxgen_ops(model):
+        options.register_custom_ops_library(path)
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
@@ -244,7 +250,10 @@ class OnnxRuntime:
             options["kernels_sha256"] = library
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "scope.ort")
-            ort_session(sub, optimized_path=path, ort_format=True, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+            # fp32 linear layers, as the graph says: the bf16 rewrite is a session's private choice
+            # (its dense GroupedMatMul is never written to a file), and a blob is a file.
+            ort_session(sub, optimized_path=path, ort_format=True, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                        bf16_compute=False)
             payload = Path(path).read_bytes()
         return payload, dict(format=self.format, hardware=cpu_hardware(), options=options)
 

@@ -57,7 +57,7 @@ class Session:
     """A planned model: ``run(output_names, feeds)`` like onnxruntime's InferenceSession."""
 
     def __init__(self, model, base_dir: Path, steps: list[Step], choices: dict[str, Choice], types, threads,
-                 verification: dict | None = None):
+                 verification: dict | None = None, bf16_compute: bool | None = None):
         self.model = model
         self.verification = verification  # hashes computed and taken from the cache (None: no cache)
         self.base_dir = base_dir
@@ -65,6 +65,7 @@ class Session:
         self.choices = choices
         self._types = types
         self._threads = threads
+        self._bf16_compute = bf16_compute
         self.output_names = [o.name for o in model.graph.output]
         self.input_names = [i.name for i in model.graph.input
                             if i.name not in {t.name for t in model.graph.initializer}]
@@ -97,7 +98,8 @@ class Session:
                         self.choices[name].skipped.append(f"onnxgen-kernels: failed to run: {error}")
                         self.choices[name].runner = "original"
                     step.inlined = []
-                    step.runner = _original_runner(self.model, step, self._types(), self.base_dir, self._threads)
+                    step.runner = _original_runner(self.model, step, self._types(), self.base_dir, self._threads,
+                                                   bf16_compute=self._bf16_compute)
                     results = step.runner(step_feeds)
                 elif step.scope is None:
                     raise
@@ -115,22 +117,24 @@ class Session:
                       ContextWarning, stacklevel=3)
         self.choices[step.scope].skipped.append(f"{self.choices[step.scope].runner}: failed to run: {error}")
         self.choices[step.scope].runner = "original"
-        step.runner = _original_runner(self.model, step, self._types(), self.base_dir, self._threads)
+        step.runner = _original_runner(self.model, step, self._types(), self.base_dir, self._threads,
+                                       bf16_compute=self._bf16_compute)
         return step.runner(step_feeds)
 
 
-def _original_runner(model, step: Step, types, base_dir, threads, replaced=None, inline=None, use=()):
+def _original_runner(model, step: Step, types, base_dir, threads, replaced=None, inline=None, use=(),
+                     bf16_compute: bool | None = None):
     """An onnxruntime session of the step's nodes (with the programs of the scopes in ``use``)."""
     nodes = _splice(step.nodes, replaced, use) if use else step.nodes
     sub = submodel(model, nodes, step.inputs, step.outputs, types, base_dir)
     if use:
         _add_programs(sub, inline, use)
-    return ort_runner(ort_session(sub, threads=threads))
+    return ort_runner(ort_session(sub, threads=threads, bf16_compute=bf16_compute))
 
 
 def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *, allow_native_code: bool = False,
          strict: bool = False, max_blob_bytes: int = MAX_BLOB_BYTES, threads: int | None = None,
-         hash_cache: bool = True) -> Session:
+         hash_cache: bool = True, bf16_compute: bool | None = None) -> Session:
     """Plan and prepare ``model_path``'s run (see the module docstring).
 
     ``backends``: the backends whose blobs may be used, in order of preference (default: every
@@ -139,6 +143,8 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
     ``strict``: raise ContextError instead of falling back when the manifest or a scope is invalid;
     ``hash_cache``: take hashes verified before from files unchanged since (``cache.HashCache``;
     False: compute every hash).  ``Session.verification`` counts hashes computed and cached.
+    ``bf16_compute``: in the onnxruntime steps, linear layers with bf16 weights on the kernels' bf16
+    path, as ``onnxgen.backends.ort.session`` decides it (default: where the CPU has AMX).
     """
     model_path = Path(model_path)
     base_dir = model_path.parent
@@ -257,10 +263,11 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
 
         def whole(use):
             full = onnx.load(str(model_path))
-            return ort_runner(ort_session(_spliced_model(full, model, replaced, inline, use), threads=threads))
+            return ort_runner(ort_session(_spliced_model(full, model, replaced, inline, use), threads=threads,
+                                          bf16_compute=bf16_compute))
 
         step.runner = _with_programs(step, whole, choices)
-        return Session(model, base_dir, [step], choices, types, threads, verification)
+        return Session(model, base_dir, [step], choices, types, threads, verification, bf16_compute)
     isolated = {name: groups[name] for name in runners}
     steps = plan_steps(model, isolated)
     for step in steps:
@@ -271,10 +278,11 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
             step.inlined = sorted({s for n in step.nodes for s in [_scope(n)] if s in inline})
 
             def piece(use, step=step):
-                return _original_runner(model, step, types(), base_dir, threads, replaced, inline, use)
+                return _original_runner(model, step, types(), base_dir, threads, replaced, inline, use,
+                                        bf16_compute=bf16_compute)
 
             step.runner = _with_programs(step, piece, choices)
-    return Session(model, base_dir, steps, choices, types, threads, verification)
+    return Session(model, base_dir, steps, choices, types, threads, verification, bf16_compute)
 
 
 def _replacements(groups, inline) -> dict[int, tuple[str, list[onnx.NodeProto]]]:

@@ -91,6 +91,32 @@ def submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[s
     return sub
 
 
+def _weight_nodes_joining_their_reader(model: onnx.ModelProto, owner: dict[int, str]) -> dict[int, int]:
+    """id(node) -> id(its reader) for each node outside the scopes that reads nothing but weights
+    (a Cast widening a bf16 weight, a Constant) and whose outputs one node outside the scopes reads.
+    Such a node runs in its reader's step: scheduled alone it would run in the first step and hand a
+    computed copy of the weight to a later one (held until then), and the step of a MatMul would
+    not see the Cast of its weight, which the bf16 rewrite (``passes.bf16_linear``) looks for."""
+    graph_inputs = {i.name for i in model.graph.input}
+    weights = {t.name for t in model.graph.initializer if t.name not in graph_inputs}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in set(node_inputs(node)):
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in model.graph.output}
+    joins = {}
+    for node in model.graph.node:
+        if id(node) in owner or not all(name in weights for name in node_inputs(node)):
+            continue
+        outputs = [o for o in node.output if o]
+        reading = {id(r): r for o in outputs for r in readers.get(o, [])}
+        if len(reading) == 1 and not graph_outputs.intersection(outputs):
+            reader = next(iter(reading.values()))
+            if id(reader) not in owner:
+                joins[id(node)] = id(reader)
+    return joins
+
+
 def plan_steps(model: onnx.ModelProto, isolated: dict[str, list[onnx.NodeProto]]) -> list[Step]:
     """Steps in a valid order: each group in ``isolated`` (scope name -> its nodes, each convex)
     alone, every other node in as few merged steps as possible."""
@@ -103,10 +129,18 @@ def plan_steps(model: onnx.ModelProto, isolated: dict[str, list[onnx.NodeProto]]
     for name, nodes in isolated.items():
         unit_of[name] = len(units)
         units.append((name, nodes))
+    joins = _weight_nodes_joining_their_reader(model, owner)
     for node in model.graph.node:
-        if id(node) not in owner:
+        if id(node) not in owner and id(node) not in joins:
             unit_of[id(node)] = len(units)
             units.append((None, [node]))
+    for node in model.graph.node:
+        if id(node) in joins:
+            reader = joins[id(node)]
+            while reader in joins:  # a chain of them (Cast, then Transpose, say) ends at one reader
+                reader = joins[reader]
+            unit_of[id(node)] = unit_of[reader]
+            units[unit_of[reader]][1].append(node)
     maker = {}
     for u, (_, nodes) in enumerate(units):
         for node in nodes:

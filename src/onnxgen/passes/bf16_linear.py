@@ -11,8 +11,9 @@ which the kernel library runs on the tile unit of an AMX CPU: ``W`` packed once 
 layout when the session is created, ``X``'s rows rounded to bf16, products summed in fp32, the
 output fp32.  It is bf16 *compute*: each linear layer's input is rounded to bf16, as OpenVINO's
 bf16 inference precision does.  Without AMX the kernel widens the weights as it goes (correct,
-and no faster than MLAS), so ``onnxgen.backends.ort.session`` runs this pass only where the CPU
-has AMX, unless told otherwise (``bf16_compute``).
+and no faster than MLAS), so the sessions of onnxgen's kernels (``onnxgen.backends.ort.session``
+and ``onnxgen.context.load``'s onnxruntime steps) run this pass only where the CPU has AMX, unless
+told otherwise (``bf16_compute``): ``bf16_linear_for_session`` is that one decision.
 
 The dense form (a GroupedMatMul node with two inputs, weights ``[K, N]`` of another float type
 than the input, output ``[..., N]``) is private to this session-time rewrite, as
@@ -52,3 +53,13 @@ def bf16_linear(model: onnx.ModelProto) -> onnx.ModelProto:
     if not any(o.domain == DOMAIN for o in out.opset_import):
         out.opset_import.append(helper.make_opsetid(DOMAIN, 1))
     return out
+
+
+def bf16_linear_for_session(model: onnx.ModelProto, bf16_compute: bool | None = None) -> onnx.ModelProto:
+    """``bf16_linear(model)`` where a session of onnxgen's kernels should compute in bf16, else
+    ``model``: ``bf16_compute`` True or False as told; None (the default) where the CPU has AMX,
+    the only place the kernel's bf16 path is faster than onnxruntime's fp32 GEMM."""
+    from .. import kernels
+
+    wanted = kernels.has_amx() if bf16_compute is None else bf16_compute
+    return bf16_linear(model) if wanted else model
