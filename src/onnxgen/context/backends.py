@@ -425,7 +425,12 @@ class OnnxRuntimeEP:
                                   [helper.make_value_info(n, known[n]) for n in ep_outputs if n])
         opsets = dict(o.get("opsets", {}))
         opsets.setdefault("com.microsoft", 1)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()])
+        opset_ids = [helper.make_opsetid(d, v) for d, v in opsets.items()]
+        # The EPContext model's own IR version: this onnx's newest may be newer than the onnxruntime
+        # with the provider reads (onnxruntime-openvino 1.24 refuses IR 14).  Blobs imported before
+        # it was recorded get the oldest IR version their opsets allow.
+        ir_version = o.get("ir_version") or helper.find_min_ir_version_for(opset_ids, ignore_unknown=True)
+        model = helper.make_model(graph, opset_imports=opset_ids, ir_version=ir_version)
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")

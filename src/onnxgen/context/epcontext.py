@@ -261,7 +261,7 @@ def import_epcontext(source_path: str | os.PathLike, epctx_path: str | os.PathLi
                 relative = written[digest] = file.relative_to(out_path.parent).as_posix()
         options = {"source": ep.source, "node_name": ep.name, "inputs": ep.inputs, "outputs": ep.outputs,
                    "embed_mode": ep.embed_mode, **ep.attributes,
-                   "opsets": {o.domain or "": o.version for o in epctx.opset_import}}
+                   "opsets": {o.domain or "": o.version for o in epctx.opset_import}, "ir_version": epctx.ir_version}
         options.setdefault("main_context", 1)
         blob = make_blob(payload, backend=ep.backend, backend_version=ep.ep_sdk_version or "unspecified",
                          format=EP_FORMAT, hardware={"device": EP_DEVICE}, path=relative, options=options)
