@@ -20,6 +20,7 @@ from safetensors.numpy import save_file
 
 from onnxgen import context
 from onnxgen.context.backends import ort_session
+from onnxgen.context.format import boundary, scope_nodes
 from onnxgen.export.llm import build
 
 HIDDEN, INTER, VOCAB, HEADS, KV_HEADS, LAYERS, EXPERTS = 48, 80, 97, 4, 2, 2, 4
@@ -119,6 +120,15 @@ def test_openvino_and_onnxruntime_blobs_equal_the_plain_model(exported, tmp_path
     assert not any(r.error for r in context.compile(path, "openvino"))
     assert not any(r.error for r in context.compile(path, "onnxruntime", embed=True))
     assert context.check(path).ok
+    # the export keeps its weights in model.onnx.data: the OpenVINO blobs of scopes that read some
+    # read them from there (weightless); a scope of small embedded constants only has a full blob
+    model = onnx.load(path, load_external_data=False)
+    external = {t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    groups = scope_nodes(model)
+    for name, scope in context.read_manifest(model).scopes.items():
+        reads_external = bool(external.intersection(boundary(model, groups[name])[2]))
+        assert [b.format for b in scope.blobs if b.backend == "openvino"] == \
+            ["openvino.compiled_model.weightless" if reads_external else "openvino.compiled_model"]
     for backends, atol, rtol in ((["openvino"], 1e-5, 1e-4), (["onnxruntime"], 1e-6, 0.0),
                                  (["onnxruntime", "openvino"], 1e-6, 0.0), ([], 1e-6, 0.0)):
         with warnings.catch_warnings():

@@ -2,7 +2,11 @@
 
 ``openvino``: the scope compiled by OpenVINO for the CPU and exported (``CompiledModel.export_model``);
 loading is ``Core.import_model``, which skips reading the ONNX graph, OpenVINO's transformations
-and kernel selection.
+and kernel selection.  By default the blob is weightless (``openvino.compiled_model.weightless``):
+exported with OpenVINO's weightless cache mode, it leaves out the weights the model keeps in its
+external-data file, and the import reads them from that file (``WEIGHTS_PATH``), so the model
+does not carry every weight twice.  A scope whose weights are not in one such file gets the full
+compiled model (``openvino.compiled_model``), which still loads as before.
 
 ``onnxruntime``: the scope after onnxruntime's full graph optimisation (level ALL: constant folding,
 fusions, layout changes), saved in ORT format; loading skips parsing ONNX, the optimisers and (for
@@ -28,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -38,7 +42,8 @@ import onnx
 
 from ..ops.domain import DOMAIN
 from . import programs
-from .format import EP_PREFIX, Blob, ContextError, cpu_hardware, is_known_backend
+from .format import EP_PREFIX, Blob, ContextError, cpu_hardware, is_known_backend, safe_blob_path
+from .partition import external_layout
 
 
 def has_onnxgen_ops(model: onnx.ModelProto) -> bool:
@@ -147,6 +152,11 @@ def ort_runner(session):
 class OpenVINO:
     name = "openvino"
     format = "openvino.compiled_model"
+    # The compiled model without the weights the ONNX model keeps in its external-data file; at
+    # import OpenVINO reads them from that file (see compile_weightless).
+    weightless_format = "openvino.compiled_model.weightless"
+    formats = (weightless_format, format)
+    alternatives = frozenset(formats)  # a blob of one replaces a blob of the other (same version)
     device = "CPU"
 
     @functools.cached_property
@@ -168,24 +178,81 @@ class OpenVINO:
     # Without the hint, OpenVINO picks bf16 matmuls on CPUs with AMX/avx512_bf16 (errors ~1e-3);
     # the hint is not stored in the exported blob, so it is recorded and passed again at import.
     config = {"INFERENCE_PRECISION_HINT": "f32"}
+    # Weightless export and import.  The value is a string: OpenVINO 2026.4's Python enum
+    # (openvino.properties.CacheMode.OPTIMIZE_SIZE) is refused by the CPU plugin ("Wrong value for
+    # property key CACHE_MODE"), and ENABLE_WEIGHTLESS alone exports every weight.
+    weightless_config = {"CACHE_MODE": "OPTIMIZE_SIZE"}
 
     def supports(self, node: onnx.NodeProto) -> bool:
         # OpenVINO's ONNX frontend: standard ops only
         return node.domain in ("", "ai.onnx") and node.op_type not in self.unsupported
 
-    def compile(self, sub: onnx.ModelProto, **_) -> tuple[bytes, dict]:
+    def compile(self, sub: onnx.ModelProto, *, format: str | None = None, external: onnx.ModelProto | None = None,
+                base_dir: str | os.PathLike | None = None, **_) -> tuple[bytes, dict]:
+        """A weightless blob where the scope's weights lie in one external-data file of the model
+        (``external``: the scope's model with those references kept; ``base_dir``: the model's
+        folder), else (or with ``format`` = the full format) the compiled model with its weights."""
         refused = sorted({n.op_type for n in sub.graph.node if not self.supports(n)})
         if refused:
             raise ContextError(f"OpenVINO blobs are not made for scopes with {', '.join(refused)}")
+        if format != self.format:
+            try:
+                return self.compile_weightless(external, base_dir)
+            except ContextError:
+                if format == self.weightless_format:
+                    raise
         compiled = self.compile_from_graph(sub)
-        stream = io.BytesIO()
-        compiled.export_model(stream)
-        return stream.getvalue(), dict(format=self.format, hardware=cpu_hardware(),
-                                       options={"device": self.device, "config": dict(self.config)})
+        return compiled.export_model().getvalue(), dict(format=self.format, hardware=cpu_hardware(),
+                                                        options={"device": self.device, "config": dict(self.config)})
 
-    def load(self, payload: bytes, blob: Blob, inputs: list[str], outputs: list[str], **_):
+    def compile_weightless(self, external: onnx.ModelProto | None, base_dir) -> tuple[bytes, dict]:
+        """The scope compiled from a copy of its model that still points at the model's weights file,
+        exported with OpenVINO's weightless cache mode: the constants OpenVINO read from that file
+        are left out of the blob, which records the file and where each weight lies in it (their
+        names, offsets and lengths: at load the same layout is required, and the scope's content
+        hash has already checked the values).  ContextError says why it cannot be made."""
+        if external is None or base_dir is None:
+            raise ContextError("a weightless blob needs the scope's model with its external data references")
+        layout = external_layout(external)
+        files = sorted({location for _, location, _, _ in layout})
+        if len(files) != 1:
+            raise ContextError(f"a weightless blob needs the scope's weights in one external-data file "
+                               f"(they are in {len(files)})")
+        weights_file = safe_blob_path(base_dir, files[0])
+        # OpenVINO reads (and marks) the weights at their offsets in the real file only from a model
+        # file that refers to it: the copy is written into the model's folder for that time (its
+        # frontend refuses a symlink to a file outside the copy's folder).
+        fd, scope_file = tempfile.mkstemp(prefix=".onnxgen-scope-", suffix=".onnx", dir=base_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(external.SerializeToString())
+            ov_model = self.core.read_model(scope_file)
+        finally:
+            os.unlink(scope_file)
+        marked = {op.get_friendly_name() for op in ov_model.get_ops() if op.get_type_name() == "Constant"
+                  and any(k.startswith("WeightlessCacheAttribute") for k in op.get_rt_info().keys())}
+        stray = marked - {name for name, _, _, _ in layout}
+        if stray:  # OpenVINO would leave out weights that are not in the file: not weightless then
+            raise ContextError(f"OpenVINO marked weights outside the external-data file: {sorted(stray)[:3]}")
+        compiled = self.core.compile_model(ov_model, self.device, {**self.config, **self.weightless_config})
+        payload = compiled.export_model().getvalue()
+        options = {"device": self.device, "config": dict(self.config),
+                   "weights": {"path": files[0], "layout": _layout_digest(layout)}}
+        self.core.import_model(payload, self.device, self._import_config(options, weights_file))  # it loads
+        return payload, dict(format=self.weightless_format, hardware=cpu_hardware(), options=options)
+
+    def load(self, payload: bytes, blob: Blob, inputs: list[str], outputs: list[str], *,
+             external=None, base_dir: str | os.PathLike | None = None, **_):
+        """``external()``: the scope's model with its external data references (weightless blobs
+        check the weights' layout against it); ``base_dir``: the model's folder."""
+        if blob.format == self.weightless_format:
+            weights_file = self._weights_file(blob, external, base_dir)
+        elif blob.format == self.format:
+            weights_file = None
+        else:
+            raise ContextError(f"unknown OpenVINO blob format {blob.format!r}")
         compiled = self.core.import_model(payload, blob.options.get("device", self.device),
-                                          blob.options.get("config", {}))
+                                          self._import_config(blob.options, weights_file))
         ports = {}
         for port in compiled.outputs:
             for name in port.get_names():
@@ -202,9 +269,38 @@ class OpenVINO:
         run.compiled = compiled
         return run
 
+    def _import_config(self, options: dict, weights_file: Path | None) -> dict:
+        config = dict(options.get("config", {}))
+        if weights_file is not None:
+            config.update(self.weightless_config, WEIGHTS_PATH=str(weights_file))
+        return config
+
+    def _weights_file(self, blob: Blob, external, base_dir) -> Path:
+        """The weights file a weightless blob reads, after checking it is in the model's folder and
+        holds the scope's weights where the blob expects them."""
+        weights = blob.options.get("weights")
+        if not isinstance(weights, dict) or not isinstance(weights.get("path"), str):
+            raise ContextError("a weightless OpenVINO blob must name its weights file (options.weights.path)")
+        if external is None or base_dir is None:
+            raise ContextError("a weightless OpenVINO blob needs the model's folder and the scope's weights")
+        path = safe_blob_path(base_dir, weights["path"])  # the same confinement as blob files
+        if not path.is_file():
+            raise ContextError(f"weights file {weights['path']!r} of the weightless blob is missing")
+        layout = external_layout(external())
+        if {location for _, location, _, _ in layout} != {weights["path"]} or \
+                _layout_digest(layout) != weights.get("layout"):
+            raise ContextError(f"the scope's weights no longer lie in {weights['path']!r} where the weightless "
+                               "blob expects them (the model was saved again with another layout)")
+        return path
+
     def compile_from_graph(self, sub: onnx.ModelProto):
-        """What a load without the blob pays (for measurements)."""
+        """The scope compiled from its model (weights in it); also what a load without the blob pays."""
         return self.core.compile_model(self.core.read_model(sub.SerializeToString(), b""), self.device, self.config)
+
+
+def _layout_digest(layout: list[list]) -> str:
+    """``sha256:`` of a weights layout (``partition.external_layout``), canonical JSON."""
+    return "sha256:" + hashlib.sha256(json.dumps(layout, separators=(",", ":")).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- onnxruntime

@@ -115,9 +115,11 @@ SCHEMA = {
                 "backend": {"type": "string", "minLength": 1},
                 "backend_version": {"type": "string", "minLength": 1,
                                     "description": "exact version of the backend that made the blob"},
-                "format": {"type": "string", "minLength": 1, "description": "openvino.compiled_model, ort, onnxgen.kernels.programs (compiled "
-                                                  "score programs: data), onnxgen.kernels.library (native code), "
-                                                  "onnxruntime.epcontext"},
+                "format": {"type": "string", "minLength": 1, "description": "openvino.compiled_model, "
+                                                  "openvino.compiled_model.weightless (its weights read from the "
+                                                  "model's external-data file named in options.weights), ort, "
+                                                  "onnxgen.kernels.programs (compiled score programs: data), "
+                                                  "onnxgen.kernels.library (native code), onnxruntime.epcontext"},
                 "hardware": {
                     "type": "object",
                     "required": ["device"],
@@ -139,7 +141,10 @@ SCHEMA = {
                                                "library): used only when the caller opts in"},
                 "options": {"type": "object", "description": "backend-specific settings the blob was made with (e.g. "
                                                            "the kernel library's sha256 and the score compiler "
-                                                           "a programs blob was made for)"},
+                                                           "a programs blob was made for; the weights file, "
+                                                           "relative to the model's folder, and the sha256 of "
+                                                           "where each weight lies in it, that a weightless "
+                                                           "OpenVINO blob reads)"},
             },
         },
     },

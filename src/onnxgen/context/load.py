@@ -235,10 +235,14 @@ def load(model_path: str | os.PathLike, backends: Sequence[str] | None = None, *
                     sub = None
                     if blob.backend == "onnxgen-kernels" and blob.format == programs.LIBRARY_FORMAT:
                         sub = submodel(model, groups[name], scope.inputs, scope.outputs, types(), base_dir)
+
+                    def external(nodes=groups[name], scope=scope):  # the scope's weights as the model refers to them
+                        return submodel(model, nodes, scope.inputs, scope.outputs, types(), keep_external=True)
+
                     loaded = backend_for(blob.backend).load(
                         payload, blob, scope.inputs, scope.outputs, sub=sub, allow_native_code=allow_native_code,
                         types=types, nodes=groups[name], scope_hash=scope.hash, infos=infos, taken=taken,
-                        prefix=f"onnxgen.context/{name}")
+                        prefix=f"onnxgen.context/{name}", external=external, base_dir=base_dir)
                     if isinstance(loaded, programs.Inline):
                         inline[name] = loaded  # runs in the onnxruntime session of its neighbours
                     else:

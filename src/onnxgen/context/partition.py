@@ -57,9 +57,11 @@ def value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 
 def submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[str], outputs: list[str],
-             types: dict[str, onnx.TypeProto], base_dir: str | os.PathLike | None = None) -> onnx.ModelProto:
+             types: dict[str, onnx.TypeProto], base_dir: str | os.PathLike | None = None, *,
+             keep_external: bool = False) -> onnx.ModelProto:
     """A standalone model of ``nodes``: ``inputs`` become graph inputs, ``outputs`` its outputs,
-    the weights they read its initializers (external data read in from ``base_dir``)."""
+    the weights they read its initializers (external data read in from ``base_dir``; with
+    ``keep_external`` left where it is: the references stay, relative to the model's folder)."""
     graph_inputs = {i.name for i in model.graph.input}
     read = {n for node in nodes for n in node_inputs(node)}
     initializers = []
@@ -67,7 +69,7 @@ def submodel(model: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[s
         if tensor.name in read and (tensor.name not in graph_inputs or tensor.name not in inputs):
             t = onnx.TensorProto()
             t.CopyFrom(tensor)
-            if external_data_helper.uses_external_data(t):
+            if external_data_helper.uses_external_data(t) and not keep_external:
                 if base_dir is None:
                     raise ValueError(f"weight {t.name!r} is external data: pass the model's folder")
                 external_data_helper.load_external_data_for_tensor(t, str(base_dir))
@@ -193,3 +195,15 @@ def plan_steps(model: onnx.ModelProto, isolated: dict[str, list[onnx.NodeProto]]
         step.frees = [n for n in step.inputs if n not in read_later]
         read_later.update(step.inputs)
     return steps
+
+
+def external_layout(model: onnx.ModelProto) -> list[list]:
+    """Where each external weight of ``model`` lies: ``[name, location, offset, length]``, sorted by
+    name (offset and length as the model says them, "" where it leaves them out)."""
+    layout = []
+    for tensor in model.graph.initializer:
+        if external_data_helper.uses_external_data(tensor):
+            entries = {e.key: e.value for e in tensor.external_data}
+            layout.append([tensor.name, entries.get("location", ""), entries.get("offset", ""),
+                           entries.get("length", "")])
+    return sorted(layout)

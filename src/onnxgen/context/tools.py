@@ -137,11 +137,14 @@ class Compiled:
 def compile(model_path: str | os.PathLike, backend: str, out_path: str | os.PathLike | None = None, *,
             scopes: Sequence[str] | None = None, embed: bool = False, format: str | None = None) -> list[Compiled]:
     """Compile every scope (or ``scopes``) with ``backend`` and record the blobs; a blob of the same
-    backend, version and format already there is replaced.  Blobs go to ``<model>.context/`` beside
+    backend, version and format (or an alternative format: OpenVINO's weightless and full blobs)
+    already there is replaced.  Blobs go to ``<model>.context/`` beside
     the written model, or into the manifest (base64) with ``embed``.  Scopes the backend cannot
     compile are reported and left without its blob.  ``format``: for a backend that makes several
     (onnxgen-kernels: ``onnxgen.kernels.programs`` or ``onnxgen.kernels.library``; default: the
-    programs where the scope has score_mods or FlexAttention nodes to compile, else the library)."""
+    programs where the scope has score_mods or FlexAttention nodes to compile, else the library;
+    openvino: ``openvino.compiled_model.weightless`` where the scope's weights lie in one external-data
+    file, else ``openvino.compiled_model``, the compiled model with its weights)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     engine = BACKENDS[backend]
@@ -154,6 +157,11 @@ def compile(model_path: str | os.PathLike, backend: str, out_path: str | os.Path
     model_path = Path(model_path)
     out_path = Path(out_path or model_path)
     model = load_model(model_path)
+    if out_path.parent.resolve() != model_path.parent.resolve():
+        # Written elsewhere, the weights get a file (and offsets) of their own: compile against the
+        # written model, since a weightless blob reads its weights from the file beside it.
+        save(model, model_path, out_path)
+        model_path, model = out_path, load_model(out_path)
     manifest = read_manifest(model)
     if manifest is None:
         raise ValueError(f"{model_path} has no backend context: run `onnxgen context annotate` first")
@@ -162,15 +170,17 @@ def compile(model_path: str | os.PathLike, backend: str, out_path: str | os.Path
         raise ContextError("; ".join(f"scope {k!r}: {v}" for k, v in report.scope_errors.items()))
     groups = scope_nodes(model)
     types = value_types(model)
-    results = []
+    results, dropped = [], []
     blob_dir = out_path.parent / (out_path.stem + ".context")
     for name, scope in manifest.scopes.items():
         if scopes is not None and name not in scopes:
             continue
         sub = submodel(model, groups[name], scope.inputs, scope.outputs, types, model_path.parent)
+        external = submodel(model, groups[name], scope.inputs, scope.outputs, types, keep_external=True)
         start = time.perf_counter()
         try:
-            payload, fields = engine.compile(sub, format=format, scope_hash=scope.hash)
+            payload, fields = engine.compile(sub, format=format, scope_hash=scope.hash, external=external,
+                                             base_dir=model_path.parent)
         except Exception as error:  # noqa: BLE001 - one scope a backend cannot take is not fatal
             results.append(Compiled(name, backend, time.perf_counter() - start, error=str(error).splitlines()[0]))
             continue
@@ -181,13 +191,27 @@ def compile(model_path: str | os.PathLike, backend: str, out_path: str | os.Path
             file.write_bytes(payload)
             relative = file.relative_to(out_path.parent).as_posix()
         blob = make_blob(payload, backend=backend, backend_version=version, path=relative, **fields)
-        scope.blobs = [b for b in scope.blobs
-                       if not (b.backend == backend and b.backend_version == version and b.format == blob.format)]
-        scope.blobs.append(blob)
+        alternatives = getattr(engine, "alternatives", frozenset())  # formats that stand for one another
+        replaced = [b for b in scope.blobs
+                    if b.backend == backend and b.backend_version == version
+                    and (b.format == blob.format or {b.format, blob.format} <= alternatives)]
+        scope.blobs = [b for b in scope.blobs if b not in replaced] + [blob]
+        dropped.extend(b.path for b in replaced if b.path and b.path != relative)
         results.append(Compiled(name, backend, time.perf_counter() - start, len(payload)))
     write_manifest(model, manifest)
     save(model, model_path, out_path)
+    _remove_unused_blob_files(dropped, manifest, out_path.parent, blob_dir)
     return results
+
+
+def _remove_unused_blob_files(paths, manifest: Manifest, model_dir: Path, blob_dir: Path) -> None:
+    """Delete the files of replaced blobs (a weightless blob replacing a full one has another name)
+    that no blob names any more, and only in the folder compile writes its blobs to."""
+    named = {b.path for scope in manifest.scopes.values() for b in scope.blobs if b.path}
+    for relative in set(paths) - named:
+        file = model_dir / relative
+        if file.is_file() and file.resolve().parent == blob_dir.resolve():
+            file.unlink()
 
 
 def strip_model(model: onnx.ModelProto) -> onnx.ModelProto:
