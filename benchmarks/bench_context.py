@@ -4,6 +4,7 @@ for a ~100M-parameter Llama-style model (random weights, written with numpy: no 
     .venv/bin/python benchmarks/bench_context.py                  # hidden 768, 10 layers, vocab 32000 (~112M)
     .venv/bin/python benchmarks/bench_context.py --layers 2 --vocab 4000   # a quick look
     .venv/bin/python benchmarks/bench_context.py --sections kernels      # only the onnxgen-kernels rows
+    .venv/bin/python benchmarks/bench_context.py --sections openvino     # weightless vs full OpenVINO blobs
 
 Rows:
   plain           the plain model in one onnxruntime session (onnxgen.backends-style, kernels registered)
@@ -14,6 +15,12 @@ Rows:
   ov blobs        the same scopes from their exported blobs (import_model), then context.load + first run
   ..., cached     the same context.load with the cache of verified hashes warm (a load before, same
                   files): the scopes' content hashes and the blobs' sha256 are not computed again
+
+OpenVINO rows (``--sections openvino``), on the same Llama model: the scopes compiled twice, as
+weightless blobs (the default: the weights stay in model.onnx.data, which the import reads) and as
+full blobs (``format="openvino.compiled_model"``: each blob holds its weights); blob sizes printed,
+then compile_model from the graph, import_model of each kind, and context.load of each kind (empty
+and warm hash cache), the cases taken in turn.
 
 onnxgen-kernels rows (``--sections kernels``), two models with a score_mod on every attention layer
 (softcap 30 + ALiBi + causal sliding window 128), one scope per attention node:
@@ -121,15 +128,18 @@ elif case.startswith("ov-graph") or case.startswith("ov-import"):
     from onnxgen.context.partition import submodel, value_types
     from pathlib import Path
     m = context.read_manifest(model); groups = scope_nodes(model); types = value_types(model)
-    subs = [(n, submodel(model, groups[n], s.inputs, s.outputs, types, Path(path).parent), s) for n, s in m.scopes.items()]
-    payloads = [read_payload(next(b for b in s.blobs if b.backend == "openvino"), Path(path).parent) for _, _, s in subs]
+    base = Path(path).parent
+    subs = [(n, submodel(model, groups[n], s.inputs, s.outputs, types, base), s) for n, s in m.scopes.items()]
+    payloads = [read_payload(next(b for b in s.blobs if b.backend == "openvino"), base) for _, _, s in subs]
     start = time.perf_counter()
     ov = BACKENDS["openvino"]
     for (n, sub, s), payload in zip(subs, payloads):
         if case == "ov-graph":
             ov.compile_from_graph(sub)
-        else:
-            ov.load(payload, next(b for b in s.blobs if b.backend == "openvino"), s.inputs, s.outputs)
+        else:  # a weightless blob's load includes checking where its weights lie (as context.load does)
+            external = lambda n=n, s=s: submodel(model, groups[n], s.inputs, s.outputs, types, keep_external=True)
+            ov.load(payload, next(b for b in s.blobs if b.backend == "openvino"), s.inputs, s.outputs,
+                    external=external, base_dir=base)
     out["load"] = time.perf_counter() - start
 else:
     backends = [] if case == "none" else [case]
@@ -287,7 +297,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="best of N subprocess loads (default: 3)")
     parser.add_argument("--keep", help="build the model in this folder and keep it")
     parser.add_argument("--sections", default="context,kernels",
-                        help="comma-separated: context (the Llama rows), kernels (the onnxgen-kernels rows)")
+                        help="comma-separated: context (the Llama rows), kernels (the onnxgen-kernels rows), "
+                             "openvino (weightless against full OpenVINO blobs, on the Llama model)")
     parser.add_argument("--kernels-layers", type=int, default=24)
     parser.add_argument("--kernels-hidden", type=int, default=768)
     parser.add_argument("--kernels-inter", type=int, default=1024)
@@ -299,6 +310,8 @@ def main() -> None:
         context_rows(args, root)
     if "kernels" in sections:
         kernel_rows(args, root)
+    if "openvino" in sections:
+        openvino_rows(args, root)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -320,27 +333,41 @@ def kernel_rows(args, root: Path) -> None:
             print(f"| {label:<58} | {r['load']:8.2f} | {r['first_result']:20.2f} |", flush=True)
 
 
-def context_rows(args, root: Path) -> None:
-
-    from onnxgen import context
+def llama_model(args, root: Path) -> Path:
+    """The ~100M-parameter Llama-style model, built once into ``root/plain``."""
     from onnxgen.export.llm import build
 
-    params = write_checkpoint(root / "ckpt", args.hidden, args.layers, args.vocab, args.inter, 12 if args.hidden % 12 == 0 else 8, 4)
-    build(root / "ckpt", root / "plain")
-    print(f"model: Llama-style, {params / 1e6:.0f}M parameters, {args.layers} layers, hidden {args.hidden}, "
-          f"float32; threads {args.threads}; best of {args.repeats}")
-    folders = {}
-    for name, backend in (("ort", "onnxruntime"), ("ov", "openvino")):
-        folder = root / name
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.copytree(root / "plain", folder)
-        context.annotate(folder / "model.onnx", backend=backend)
-        start = time.perf_counter()
-        results = context.compile(folder / "model.onnx", backend)
-        size = sum(r.size for r in results)
-        print(f"compile {backend}: {len(results)} scopes, {size / 2**20:.1f} MiB of blobs in "
-              f"{time.perf_counter() - start:.1f} s")
-        folders[name] = folder / "model.onnx"
+    if not (root / "plain" / "model.onnx").exists():
+        params = write_checkpoint(root / "ckpt", args.hidden, args.layers, args.vocab, args.inter,
+                                  12 if args.hidden % 12 == 0 else 8, 4)
+        build(root / "ckpt", root / "plain")
+        print(f"model: Llama-style, {params / 1e6:.0f}M parameters, {args.layers} layers, hidden {args.hidden}, "
+              f"float32, {(root / 'plain' / 'model.onnx.data').stat().st_size / 2**20:.0f} MiB of weights; "
+              f"threads {args.threads}; best of {args.repeats}")
+    return root / "plain" / "model.onnx"
+
+
+def compiled_copy(root: Path, name: str, backend: str, format: str | None = None) -> Path:
+    """A copy of the plain model, annotated for ``backend`` (its largest convex groups) and compiled."""
+    from onnxgen import context
+
+    folder = root / name
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(root / "plain", folder)
+    context.annotate(folder / "model.onnx", backend=backend)
+    start = time.perf_counter()
+    results = context.compile(folder / "model.onnx", backend, format=format)
+    assert not any(r.error for r in results), results
+    size = sum(r.size for r in results)
+    print(f"compile {backend}{f' ({format})' if format else ''}: {len(results)} scopes, {size / 2**20:.1f} MiB of "
+          f"blobs in {time.perf_counter() - start:.1f} s")
+    return folder / "model.onnx"
+
+
+def context_rows(args, root: Path) -> None:
+    llama_model(args, root)
+    folders = {name: compiled_copy(root, name, backend) for name, backend in (("ort", "onnxruntime"),
+                                                                              ("ov", "openvino"))}
 
     rows = [("plain model, one onnxruntime session", "plain", root / "plain" / "model.onnx"),
             ("context.load, no blobs (original graph)", "none", folders["ort"]),
@@ -356,6 +383,25 @@ def context_rows(args, root: Path) -> None:
         r = timed(case, path, args.threads, args.repeats, cached=bool(cached))
         first = f"{r['first_result']:.2f}" if case not in ("ov-graph", "ov-import") else "-"
         print(f"| {label:<46} | {r['load']:8.2f} | {first:>20} |", flush=True)
+
+
+def openvino_rows(args, root: Path) -> None:
+    """Weightless OpenVINO blobs (the default) against full ones (the weights in each blob)."""
+    llama_model(args, root)
+    folders = {"weightless": compiled_copy(root, "ov", "openvino"),
+               "full": compiled_copy(root, "ov-full", "openvino", format="openvino.compiled_model")}
+    rows = [("OpenVINO scopes: compile_model from graph", "ov-graph", folders["full"]),
+            ("OpenVINO scopes: import_model, full blobs", "ov-import", folders["full"]),
+            ("OpenVINO scopes: import_model, weightless blobs", "ov-import", folders["weightless"]),
+            ("context.load, full OpenVINO blobs + rest on ORT", "openvino", folders["full"]),
+            ("context.load, weightless OpenVINO blobs + rest", "openvino", folders["weightless"]),
+            ("context.load, full blobs, hashes cached", "openvino+cached", folders["full"]),
+            ("context.load, weightless blobs, hashes cached", "openvino+cached", folders["weightless"])]
+    results = timed_round_robin([(case, path) for _, case, path in rows], args.threads, args.repeats)
+    print(f"\n| {'case':<48} | load (s) | load + first run (s) |\n|{'-' * 50}|---------:|---------------------:|")
+    for (label, case, _), r in zip(rows, results):
+        first = f"{r['first_result']:.2f}" if not case.startswith("ov-") else "-"
+        print(f"| {label:<48} | {r['load']:8.2f} | {first:>20} |", flush=True)
 
 
 if __name__ == "__main__":
