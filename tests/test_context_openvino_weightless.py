@@ -163,6 +163,8 @@ def test_weights_the_blob_cannot_trust_send_the_scope_to_its_original_nodes(tmp_
     path = annotated(tmp_path)
     context.compile(path, "openvino")
     changed = change(path) or path
+    if change is point_outside:  # a fault of the file itself: the checker says so too
+        assert not context.check(changed).ok and "climbs out" in " ".join(context.check(changed).problems())
     with pytest.warns(context.ContextWarning, match=reason.replace("(", r"\(").replace(".", r"\.")):
         session = context.load(changed, ["openvino"])
     assert session.choices["mlp"].runner == "original"

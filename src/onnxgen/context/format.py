@@ -561,6 +561,17 @@ def read_payload(blob: Blob, model_dir: str | os.PathLike, *, max_bytes: int = M
     return payload
 
 
+def weights_file_problem(blob: Blob, model_dir: str | os.PathLike) -> None:
+    """ContextError when a blob that reads the model's weights file (``options.weights.path``: a
+    weightless OpenVINO blob) names one outside the model's folder or one that is missing.  Where
+    the weights lie in it is checked at load, against the scope's graph."""
+    weights = blob.options.get("weights") if isinstance(blob.options, dict) else None
+    if not isinstance(weights, dict) or "path" not in weights:
+        return
+    if not isinstance(weights["path"], str) or not safe_blob_path(model_dir, weights["path"]).is_file():
+        raise ContextError(f"the weights file {weights['path']!r} the blob reads is missing")
+
+
 def make_blob(payload: bytes, *, backend: str, backend_version: str, format: str, hardware: dict,
               path: str | None = None, native_code: bool = False, options: dict | None = None) -> Blob:
     """A Blob for ``payload``: embedded when ``path`` is None, else to be written at ``path``."""
@@ -699,6 +710,7 @@ def check(model_path: str | os.PathLike, *, verify_payloads: bool = True, max_bl
                     read_payload(blob, base_dir, max_bytes=max_blob_bytes)
                 elif blob.path is not None:
                     safe_blob_path(base_dir, blob.path)
+                weights_file_problem(blob, base_dir)
             except (ContextError, OSError) as error:
                 status.error = str(error)
                 continue
