@@ -102,7 +102,8 @@ def test_a_real_openvino_ep_context_model_is_imported(tmp_path, embed_mode):
     source, epctx = write_epcontext(tmp_path, embed_mode)
     node = next(n for n in onnx.load(epctx).graph.node if n.op_type == "EPContext")
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    payload = attrs["ep_cache_context"] if embed_mode else (epctx.parent / attrs["ep_cache_context"].decode()).read_bytes()
+    context_bytes = attrs["ep_cache_context"]
+    payload = context_bytes if embed_mode else (epctx.parent / context_bytes.decode()).read_bytes()
 
     out = tmp_path / "imported" / "model.onnx"
     [imported] = context.import_epcontext(source, epctx, out)

@@ -198,9 +198,9 @@ class OpenVINO:
         if format != self.format:
             try:
                 return self.compile_weightless(external, base_dir)
-            except ContextError:
+            except Exception as error:  # noqa: BLE001 - no weightless blob: the full one (unless asked for)
                 if format == self.weightless_format:
-                    raise
+                    raise ContextError(f"no weightless OpenVINO blob: {str(error).strip().splitlines()[-1]}") from None
         compiled = self.compile_from_graph(sub)
         return compiled.export_model().getvalue(), dict(format=self.format, hardware=cpu_hardware(),
                                                         options={"device": self.device, "config": dict(self.config)})
