@@ -219,19 +219,8 @@ class OpenVINO:
             raise ContextError(f"a weightless blob needs the scope's weights in one external-data file "
                                f"(they are in {len(files)})")
         weights_file = safe_blob_path(base_dir, files[0])
-        # OpenVINO reads (and marks) the weights at their offsets in the real file only from a model
-        # file that refers to it: the copy is written into the model's folder for that time (its
-        # frontend refuses a symlink to a file outside the copy's folder).
-        fd, scope_file = tempfile.mkstemp(prefix=".onnxgen-scope-", suffix=".onnx", dir=base_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(external.SerializeToString())
-            ov_model = self.core.read_model(scope_file)
-        finally:
-            os.unlink(scope_file)
-        marked = {op.get_friendly_name() for op in ov_model.get_ops() if op.get_type_name() == "Constant"
-                  and any(k.startswith("WeightlessCacheAttribute") for k in op.get_rt_info().keys())}
-        stray = marked - {name for name, _, _, _ in layout}
+        ov_model = self._read_in_folder(external, base_dir)
+        stray = _marked_weights(ov_model) - {name for name, _, _, _ in layout}
         if stray:  # OpenVINO would leave out weights that are not in the file: not weightless then
             raise ContextError(f"OpenVINO marked weights outside the external-data file: {sorted(stray)[:3]}")
         compiled = self.core.compile_model(ov_model, self.device, {**self.config, **self.weightless_config})
@@ -240,6 +229,19 @@ class OpenVINO:
                    "weights": {"path": files[0], "layout": _layout_digest(layout)}}
         self.core.import_model(payload, self.device, self._import_config(options, weights_file))  # it loads
         return payload, dict(format=self.weightless_format, hardware=cpu_hardware(), options=options)
+
+    def _read_in_folder(self, model: onnx.ModelProto, folder):
+        """``Core.read_model`` of ``model``, whose external-data references are relative to ``folder``.
+        Only a model read from a file that refers to the weights file gets its weights marked with
+        their offsets in it, so the model is written into ``folder`` for that time (OpenVINO's
+        frontend refuses a symlink to a weights file outside the model's own folder)."""
+        fd, path = tempfile.mkstemp(prefix=".onnxgen-scope-", suffix=".onnx", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(model.SerializeToString())
+            return self.core.read_model(path)
+        finally:
+            os.unlink(path)
 
     def load(self, payload: bytes, blob: Blob, inputs: list[str], outputs: list[str], *,
              external=None, base_dir: str | os.PathLike | None = None, **_):
@@ -296,6 +298,13 @@ class OpenVINO:
     def compile_from_graph(self, sub: onnx.ModelProto):
         """The scope compiled from its model (weights in it); also what a load without the blob pays."""
         return self.core.compile_model(self.core.read_model(sub.SerializeToString(), b""), self.device, self.config)
+
+
+def _marked_weights(ov_model) -> set[str]:
+    """The constants OpenVINO's frontend marked as read from a weights file (what a weightless
+    export leaves out)."""
+    return {op.get_friendly_name() for op in ov_model.get_ops() if op.get_type_name() == "Constant"
+            and any(key.startswith("WeightlessCacheAttribute") for key in op.get_rt_info().keys())}
 
 
 def _layout_digest(layout: list[list]) -> str:
