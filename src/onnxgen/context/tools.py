@@ -138,9 +138,9 @@ def compile(model_path: str | os.PathLike, backend: str, out_path: str | os.Path
             scopes: Sequence[str] | None = None, embed: bool = False, format: str | None = None) -> list[Compiled]:
     """Compile every scope (or ``scopes``) with ``backend`` and record the blobs; a blob of the same
     backend, version and format (or an alternative format: OpenVINO's weightless and full blobs)
-    already there is replaced.  Blobs go to ``<model>.context/`` beside
-    the written model, or into the manifest (base64) with ``embed``.  Scopes the backend cannot
-    compile are reported and left without its blob.  ``format``: for a backend that makes several
+    already there is replaced.  Blobs go to ``<model>.context/`` beside the written model, or into
+    the manifest (base64) with ``embed``.  Scopes the backend cannot compile are reported and left
+    without its blob.  ``format``: for a backend that makes several
     (onnxgen-kernels: ``onnxgen.kernels.programs`` or ``onnxgen.kernels.library``; default: the
     programs where the scope has score_mods or FlexAttention nodes to compile, else the library;
     openvino: ``openvino.compiled_model.weightless`` where the scope's weights lie in one external-data
@@ -157,17 +157,18 @@ def compile(model_path: str | os.PathLike, backend: str, out_path: str | os.Path
     model_path = Path(model_path)
     out_path = Path(out_path or model_path)
     model = load_model(model_path)
-    if out_path.parent.resolve() != model_path.parent.resolve():
-        # Written elsewhere, the weights get a file (and offsets) of their own: compile against the
-        # written model, since a weightless blob reads its weights from the file beside it.
-        save(model, model_path, out_path)
-        model_path, model = out_path, load_model(out_path)
     manifest = read_manifest(model)
     if manifest is None:
         raise ValueError(f"{model_path} has no backend context: run `onnxgen context annotate` first")
     report = check(model_path, verify_payloads=False, model=model)
     if report.scope_errors:
         raise ContextError("; ".join(f"scope {k!r}: {v}" for k, v in report.scope_errors.items()))
+    if out_path.parent.resolve() != model_path.parent.resolve():
+        # Written elsewhere, the weights get a file (and offsets) of their own: compile against the
+        # written model, since a weightless blob reads its weights from the file beside it.
+        save(model, model_path, out_path)
+        model_path, model = out_path, load_model(out_path)
+        manifest = read_manifest(model)
     groups = scope_nodes(model)
     types = value_types(model)
     results, dropped = [], []
