@@ -38,7 +38,8 @@ struct Attributes {
 // Sizes and pointers of one call, checked against each other.
 struct Problem {
   int64_t tokens, batch, heads, kv_heads, group, head_size, v_head_size, num_blocks, block_size, max_blocks;
-  int64_t segment;  // positions per segment: min(block_size, kMaxSegment)
+  int64_t segment;  // positions per segment of the cache: min(block_size, kMaxSegment)
+  int64_t span;     // positions of the longest segment (the new tokens' are up to kMaxSegment)
   bool cache_only;
   DType qkv_type, cache_type;
   Input query, key, value, key_cache, value_cache, cu, past, table, slots, sink;
@@ -138,6 +139,8 @@ Problem check(Ort::KernelContext& ctx, const Attributes& a) {
       fail(kOp, "head_sink has shape ", shape_str(p.sink.shape), "; expected [", p.heads, "]");
   }
   const int32_t* table = p.table.as<int32_t>();
+  p.span = p.segment;
+  for (int64_t b = 0; b < p.batch && !p.cache_only; ++b) p.span = std::max<int64_t>(p.span, std::min<int64_t>(kMaxSegment, cu[b + 1] - cu[b]));
   for (int64_t b = 0; b < p.batch; ++b) {
     if (past[b] < 0) fail(kOp, "past_seqlens[", b, "]=", past[b], " is negative");
     const int64_t total = int64_t(past[b]) + cu[b + 1] - cu[b];
@@ -175,10 +178,11 @@ std::vector<Segment> segments_of(const Problem& p, int64_t b) {
     }
   }
   if (p.cache_only) return out;
-  for (int64_t t = begin; t < end; t += p.segment) {
+  // The new tokens lie in one run of rows, not in blocks: longer segments, fewer softmax rescales.
+  for (int64_t t = begin; t < end; t += kMaxSegment) {
     const char* k = static_cast<const char*>(p.key.data) + size_t(t * k_row) * input_bytes;
     const char* v = static_cast<const char*>(p.value.data) + size_t(t * v_row) * input_bytes;
-    out.push_back({k, v, p.qkv_type, past + (t - begin), std::min(p.segment, end - t), k_row, D, v_row, Dv});
+    out.push_back({k, v, p.qkv_type, past + (t - begin), std::min(kMaxSegment, end - t), k_row, D, v_row, Dv});
   }
   return out;
 }
@@ -190,6 +194,48 @@ struct State {
   float& max(int64_t i) { return base[i * (v_head_size + 2)]; }
   float& sum(int64_t i) { return base[i * (v_head_size + 2) + 1]; }
   float* acc(int64_t i) { return base + i * (v_head_size + 2) + 2; }
+};
+
+// Prefetches the rows of the next segment while the current one is computed, as many bytes as
+// the kernel has just read of the current one: a trickle spread over the arithmetic, so loads
+// from memory overlap it.  A burst of a whole segment's prefetches fills the line-fill buffers
+// and stalls the core until memory answers.  Only for 16-bit rows: they cost twice the
+// arithmetic per byte of fp32 ones, and there the trickle made cold decode 1.27x faster, while
+// fp32 rows are read faster by the hardware prefetcher alone (the prefetches took its place in
+// the fill buffers: 1.19x slower).
+class Trickle {
+ public:
+  void reset(const Segment& next, int64_t kv_heads, int64_t head_size, int64_t v_head_size) {
+    const size_t width = dtype_size(next.type);
+    runs_.clear(), run_ = 0, offset_ = 0, carry_ = 0;
+    if (width != 2) return;
+    if (next.k_head == head_size && next.v_head == v_head_size) {  // token-major: one run each
+      runs_.push_back({next.key, size_t(next.count * kv_heads * head_size) * width});
+      runs_.push_back({next.value, size_t(next.count * kv_heads * v_head_size) * width});
+      return;
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      runs_.push_back({static_cast<const char*>(next.key) + size_t(h * next.k_head) * width, size_t(next.count * head_size) * width});
+      runs_.push_back({static_cast<const char*>(next.value) + size_t(h * next.v_head) * width, size_t(next.count * v_head_size) * width});
+    }
+  }
+  void clear() { runs_.clear(), run_ = 0; }
+
+  // Prefetch the next `bytes` of the runs.
+  void step(size_t bytes) {
+    bytes += carry_;
+    while (bytes >= 64 && run_ < runs_.size()) {
+      const auto [data, size] = runs_[run_];
+      _mm_prefetch(static_cast<const char*>(data) + offset_, _MM_HINT_T1);
+      bytes -= 64, offset_ += 64;
+      if (offset_ >= size) ++run_, offset_ = 0;
+    }
+    carry_ = bytes;
+  }
+
+ private:
+  std::vector<std::pair<const void*, size_t>> runs_;
+  size_t run_ = 0, offset_ = 0, carry_ = 0;
 };
 
 class Attention {
@@ -219,12 +265,11 @@ class Attention {
     for (int64_t v = 0; split && v < rows * H; ++v) split_even_odd(&q[size_t(v * D)], &q_split[size_t(v * D)], D);
     State state{state_buffer, Dv};
     // score_mod runs once per (query row, block) over up to `mod_heads` heads' scores at a time.
-    const int64_t mod_heads = std::max<int64_t>(1, std::min<int64_t>(H, 2048 / p_.segment));
-    ScoreProgram::Scratch scratch =
-        a_.score_mod.empty() ? ScoreProgram::Scratch{} : a_.score_mod.scratch(mod_heads * p_.segment);
+    const int64_t bs = p_.span;
+    const int64_t mod_heads = std::max<int64_t>(1, std::min<int64_t>(H, 2048 / bs));
+    ScoreProgram::Scratch scratch = a_.score_mod.empty() ? ScoreProgram::Scratch{} : a_.score_mod.scratch(mod_heads * bs);
     for (int64_t i = 0; i < rows * H; ++i) state.max(i) = kNegInf, state.sum(i) = 0.f, std::fill_n(state.acc(i), Dv, 0.f);
 
-    const int64_t bs = p_.segment;
     std::vector<float> scores(size_t(rows * H * bs));  // [row][head][token]
     // With many queries per KV head (prefill tiles), the AVX-512 tiled path; per KV head h its
     // query vectors are v = (row, g), state index head_of[h * rows * G + v].
@@ -243,30 +288,15 @@ class Attention {
             queries[size_t(v)] = &q[size_t(i * D)];
           }
     }
-    const size_t k_bytes = size_t(bs * Hkv * D), v_bytes = size_t(bs * Hkv * Dv);
-    // Blocks lie anywhere in the cache, so the hardware prefetcher restarts at each one: ask
-    // for the rows of the segment `ahead` places on (about 128 KiB on) while this one is computed.
-    const int64_t segment_bytes = int64_t((k_bytes + v_bytes) * dtype_size(p_.cache_type));
-    const int64_t ahead = std::max<int64_t>(1, (int64_t(128) << 10) / std::max<int64_t>(segment_bytes, 1));
-    auto prefetch_segment = [&](int64_t s) {
-      if (s >= item.segment_end) return;
-      const Segment& next = segments[size_t(s)];
-      const size_t width = dtype_size(next.type);
-      if (next.k_head == D && next.v_head == Dv) {  // token-major: one run of rows
-        prefetch(next.key, size_t(next.count) * k_bytes / size_t(bs) * width);
-        prefetch(next.value, size_t(next.count) * v_bytes / size_t(bs) * width);
-      } else {
-        for (int64_t h = 0; h < Hkv; ++h) {
-          prefetch(static_cast<const char*>(next.key) + size_t(h * next.k_head) * width, size_t(next.count * D) * width);
-          prefetch(static_cast<const char*>(next.value) + size_t(h * next.v_head) * width, size_t(next.count * Dv) * width);
-        }
-      }
-    };
-    for (int64_t s = item.segment_begin + 1; s < item.segment_begin + ahead; ++s) prefetch_segment(s);
+    // Blocks lie anywhere in the cache, so the hardware prefetcher restarts at each one: the
+    // rows of the next segment are requested a few lines at a time while this one is computed.
+    Trickle next_rows;
     for (int64_t s = item.segment_begin; s < item.segment_end; ++s) {
       const Segment& seg = segments[size_t(s)];
-      const int64_t n = seg.count;
-      prefetch_segment(s + ahead);
+      // Causal: no query of this item sees past its last row's position.
+      const int64_t n = a_.is_causal ? std::clamp<int64_t>(past + item.row_end - seg.first_position, 0, seg.count) : seg.count;
+      if (s + 1 < item.segment_end) next_rows.reset(segments[size_t(s) + 1], Hkv, D, Dv);
+      else next_rows.clear();
       const size_t width = dtype_size(seg.type);
       if (tiled) {  // many queries per key: transpose each head's keys once, then broadcast-FMAs
         const TransposeFn transpose = transpose_for(seg.type);
@@ -277,6 +307,7 @@ class Attention {
                       D, kt.data());
             for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(head_of[size_t(h * rows * G + v)] * bs + c)];
             scores_tile(&queries[size_t(h * rows * G)], rows * G, kt.data(), D, score_rows.data(), m);
+            next_rows.step(size_t(m * D) * width);
           }
         }
       } else {
@@ -297,6 +328,7 @@ class Attention {
                   const int64_t i = r * H + h * G + g;
                   block(&qs[size_t(i * D)], krows, seg.k_token, D, &scores[size_t(i * bs + t)], bs);
                 }
+              next_rows.step(size_t(keys * D) * width);
             }
         }
         // Scores, in the segment's memory order: token, KV head, then the queries that read it.
@@ -305,6 +337,7 @@ class Attention {
             const void* krow = static_cast<const char*>(seg.key) + size_t(t * seg.k_token + h * seg.k_head) * width;
             for (int64_t r = 0; r < rows; ++r)  // the G query heads of KV head h read this row
               dots(&q[size_t((r * H + h * G) * D)], G, krow, D, &scores[size_t((r * H + h * G) * bs + t)], bs);
+            next_rows.step(size_t(D) * width);
           }
       }
       bool any = false;
@@ -341,6 +374,7 @@ class Attention {
           }
           weigh(prob_rows.data(), rows * G, static_cast<const char*>(seg.value) + size_t(h * seg.v_head) * width, seg.v_token, n,
                 Dv, acc_rows.data());
+          next_rows.step(size_t(n * Dv) * width);
         }
         continue;
       }
@@ -354,16 +388,12 @@ class Attention {
               const float w = scores[size_t(i * bs + t)];
               if (w != 0.f) axpy_row(state.acc(i), w, vrow, Dv);
             }
+          next_rows.step(size_t(Dv) * width);
         }
     }
   }
 
  private:
-  static void prefetch(const void* data, size_t bytes) {
-    const char* p = static_cast<const char*>(data);
-    for (size_t offset = 0; offset < bytes; offset += 64) _mm_prefetch(p + offset, _MM_HINT_T1);
-  }
-
   // Softcap and mask one row of scores (visible tokens [lo, hi)), fold it into the running
   // softmax of state i, and leave the (unnormalised) probabilities in `s`.  False if none visible.
   // `modded`: the soft cap and the score_mod program have already run on the visible scores; a
