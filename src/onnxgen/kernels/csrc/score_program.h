@@ -80,7 +80,7 @@ class ScoreProgram {
       bad("bad header (", regs_, " registers, ", count, " instructions)");
     itables_.assign(code.begin() + 4 + 5 * count, code.end());
     is_float_.assign(size_t(regs_), false), uniform_.assign(size_t(regs_), false);
-    is_float_[0] = true, uniform_[1] = uniform_[3] = true;  // head varies: one call covers a row's heads
+    is_float_[0] = true, uniform_[1] = uniform_[2] = uniform_[3] = true;  // one call: one head's row
     std::vector<bool> written(size_t(regs_), false);
     for (int i = 0; i < kInputs; ++i) written[size_t(i)] = true;
     for (int64_t i = 0; i < count; ++i) {
@@ -121,24 +121,18 @@ class ScoreProgram {
     return Scratch{std::vector<float>(size_t(regs_ * width)), std::vector<ScoreInt>(size_t(regs_ * width)), width};
   }
 
-  // One query row over a block of keys, `heads` query heads at a time: s[j * stride + t] <-
-  // score_mod(s[j * stride + t], batch, head0 + j, q_pos, kv0 + t) for t in [lo, hi), j < heads.
-  // Entries outside [lo, hi) are computed at a clamped position and are the caller's to mask.
-  void run(float* s, int64_t heads, int64_t stride, int64_t lo, int64_t hi, int64_t batch, int64_t head0,
-           int64_t q_pos, int64_t kv0, Scratch& m) const {
-    const int64_t n = heads * stride;
-    if (n <= 0 || lo >= hi) return;
+  // One query row and head over a run of keys: s[t] <- score_mod(s[t], batch, head, q_pos,
+  // kv0 + t) for t < n (n <= the scratch's width).  Batch, head and q_pos are uniform, so what
+  // depends on them alone (ALiBi's slope, a table row) is computed once per call.
+  void run(float* s, int64_t n, int64_t batch, int64_t head, int64_t q_pos, int64_t kv0, Scratch& m) const {
+    if (n <= 0) return;
     const int64_t W = m.width;
     auto F = [&](int64_t r) { return &m.f[size_t(r * W)]; };
     auto I = [&](int64_t r) { return &m.i[size_t(r * W)]; };
     auto st = [&](int64_t r) { return uniform_[size_t(r)] ? int64_t(0) : int64_t(1); };
     std::memcpy(F(0), s, size_t(n) * sizeof(float));
-    I(1)[0] = ScoreInt(batch), I(3)[0] = ScoreInt(q_pos);
-    for (int64_t j = 0; j < heads; ++j)
-      for (int64_t t = 0; t < stride; ++t) {
-        I(2)[j * stride + t] = ScoreInt(head0 + j);
-        I(4)[j * stride + t] = ScoreInt(kv0 + std::min(std::max(t, lo), hi - 1));
-      }
+    I(1)[0] = ScoreInt(batch), I(2)[0] = ScoreInt(head), I(3)[0] = ScoreInt(q_pos);
+    for (int64_t t = 0; t < n; ++t) I(4)[t] = ScoreInt(kv0 + t);
     for (const Instr& in : code_) {
       const int64_t len = uniform_[size_t(in.dst)] ? 1 : n;
       const int64_t sa = in.op == CONST_F || in.op == CONST_I ? 0 : st(in.a);
