@@ -612,11 +612,12 @@ ONNXGEN_AVX512 inline void transpose16x16(__m512 r[16]) {
   }
 }
 
-// kt[d * 16 + t] = float(rows[t * row_stride + d]) for t < n (<= 16), zero for n <= t < 16:
+// kt[d * kt_stride + t] = float(rows[t * row_stride + d]) for t < n (<= 16), zero for n <= t < 16:
 // sixteen columns at a time, transposed in registers (element-wise stores cost a quarter of
 // the score products at head size 128).
 template <DType T>
-ONNXGEN_AVX512 void transpose_rows16(const void* rows, int64_t row_stride, int64_t n, int64_t depth, float* kt) {
+ONNXGEN_AVX512 void transpose_rows16(const void* rows, int64_t row_stride, int64_t n, int64_t depth, float* kt,
+                                     int64_t kt_stride) {
   const size_t width = dtype_size(T);
   for (int64_t d = 0; d < depth; d += 16) {
     const int64_t m = std::min<int64_t>(16, depth - d);
@@ -626,49 +627,57 @@ ONNXGEN_AVX512 void transpose_rows16(const void* rows, int64_t row_stride, int64
       r[t] = t < n ? load16<T>(static_cast<const char*>(rows) + size_t(t * row_stride) * width, d, __mmask16((1u << m) - 1))
                    : _mm512_setzero_ps();
     transpose16x16(r);
-    for (int64_t i = 0; i < m; ++i) _mm512_storeu_ps(kt + (d + i) * 16, r[i]);
+    for (int64_t i = 0; i < m; ++i) _mm512_storeu_ps(kt + (d + i) * kt_stride, r[i]);
   }
 }
 
-// out[v][t] = q[v] . k_t for nq query vectors q[v] (each `depth` long) and the 16 keys of kt
-// (depth x 16, from transpose_rows16), t < n: broadcast-FMAs, no horizontal sums.
+// out[v][t] = q[v] . k_t for nq query vectors q[v] (each `depth` long) and the 16 * C keys of
+// kt (depth x 16C, from transpose_rows16), t < n: broadcast-FMAs, no horizontal sums.  Eight
+// queries at a time: an FMA's result is ready four cycles on and two issue per cycle, so eight
+// independent sums per key vector keep both FMA units busy.  C = 2 (32 keys) loads each
+// broadcast query element once for two FMAs: 1.2x the rate of C = 1, measured in isolation.
+template <int C>
 ONNXGEN_AVX512 inline void scores_tile(const float* const* q, int64_t nq, const float* kt, int64_t depth,
                                        float* const* out, int64_t n) {
-  const __mmask16 keep = __mmask16((1u << n) - 1);
-  int64_t v = 0;
-  // Eight queries at a time: an FMA's result is ready four cycles on and two issue per cycle,
-  // so eight independent sums keep both FMA units busy (four left them half idle).
-  for (; v + 8 <= nq; v += 8) {
-    __m512 a[8];
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) a[j] = _mm512_setzero_ps();
-    for (int64_t d = 0; d < depth; ++d) {
-      const __m512 k = _mm512_loadu_ps(kt + d * 16);
-#pragma GCC unroll 8
-      for (int j = 0; j < 8; ++j) a[j] = _mm512_fmadd_ps(_mm512_set1_ps(q[v + j][d]), k, a[j]);
-    }
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) _mm512_mask_storeu_ps(out[v + j], keep, a[j]);
+  __mmask16 keep[C];
+  for (int c = 0; c < C; ++c) {
+    const int64_t k = std::clamp<int64_t>(n - 16 * c, 0, 16);
+    keep[c] = __mmask16((1u << k) - 1);
   }
-  for (; v + 4 <= nq; v += 4) {
-    const float *q0 = q[v], *q1 = q[v + 1], *q2 = q[v + 2], *q3 = q[v + 3];
-    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t v = 0;
+  for (; v + 8 <= nq; v += 8) {
+    __m512 a[8][C];
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j)
+#pragma GCC unroll 2
+      for (int c = 0; c < C; ++c) a[j][c] = _mm512_setzero_ps();
     for (int64_t d = 0; d < depth; ++d) {
-      const __m512 k = _mm512_loadu_ps(kt + d * 16);
-      a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d]), k, a0);
-      a1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d]), k, a1);
-      a2 = _mm512_fmadd_ps(_mm512_set1_ps(q2[d]), k, a2);
-      a3 = _mm512_fmadd_ps(_mm512_set1_ps(q3[d]), k, a3);
+      __m512 k[C];
+#pragma GCC unroll 2
+      for (int c = 0; c < C; ++c) k[c] = _mm512_loadu_ps(kt + (d * C + c) * 16);
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const __m512 x = _mm512_set1_ps(q[v + j][d]);
+#pragma GCC unroll 2
+        for (int c = 0; c < C; ++c) a[j][c] = _mm512_fmadd_ps(x, k[c], a[j][c]);
+      }
     }
-    _mm512_mask_storeu_ps(out[v], keep, a0);
-    _mm512_mask_storeu_ps(out[v + 1], keep, a1);
-    _mm512_mask_storeu_ps(out[v + 2], keep, a2);
-    _mm512_mask_storeu_ps(out[v + 3], keep, a3);
+#pragma GCC unroll 8
+    for (int j = 0; j < 8; ++j)
+#pragma GCC unroll 2
+      for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(out[v + j] + 16 * c, keep[c], a[j][c]);
   }
   for (; v < nq; ++v) {
-    __m512 a = _mm512_setzero_ps();
-    for (int64_t d = 0; d < depth; ++d) a = _mm512_fmadd_ps(_mm512_set1_ps(q[v][d]), _mm512_loadu_ps(kt + d * 16), a);
-    _mm512_mask_storeu_ps(out[v], keep, a);
+    __m512 a[C];
+#pragma GCC unroll 2
+    for (int c = 0; c < C; ++c) a[c] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < depth; ++d) {
+      const __m512 x = _mm512_set1_ps(q[v][d]);
+#pragma GCC unroll 2
+      for (int c = 0; c < C; ++c) a[c] = _mm512_fmadd_ps(x, _mm512_loadu_ps(kt + (d * C + c) * 16), a[c]);
+    }
+#pragma GCC unroll 2
+    for (int c = 0; c < C; ++c) _mm512_mask_storeu_ps(out[v] + 16 * c, keep[c], a[c]);
   }
 }
 
@@ -740,7 +749,7 @@ ONNXGEN_AVX512 void weighted_rows(const float* const* probs, int64_t nq, const v
   }
 }
 
-using TransposeFn = void (*)(const void*, int64_t, int64_t, int64_t, float*);
+using TransposeFn = void (*)(const void*, int64_t, int64_t, int64_t, float*, int64_t);
 using WeightedRowsFn = void (*)(const float* const*, int64_t, const void*, int64_t, int64_t, int64_t, float* const*);
 
 inline TransposeFn transpose_for(DType t) {

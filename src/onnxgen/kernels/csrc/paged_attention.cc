@@ -291,9 +291,9 @@ class Attention {
     std::vector<int64_t> head_of(size_t(Hkv * rows * G));
     std::vector<const float*> queries(head_of.size()), prob_rows(size_t(rows * G));
     std::vector<float*> score_rows(size_t(rows * G)), acc_rows(size_t(rows * G));
-    std::vector<float> kt;  // one head's keys of a segment, transposed: [D][16]
+    std::vector<float> kt;  // one head's keys of a segment, 32 at a time, transposed: [D][32]
     if (has_avx512()) {
-      kt.assign(size_t(((D + 15) / 16) * 16 * 16) + 16, 0.f);
+      kt.assign(size_t(((D + 15) / 16) * 16 * 32) + 32, 0.f);
       for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t g = 0; g < G; ++g) {
@@ -315,12 +315,15 @@ class Attention {
       if (tiled) {  // many queries per key: transpose each head's keys once, then broadcast-FMAs
         const TransposeFn transpose = transpose_for(seg.type);
         for (int64_t h = 0; h < Hkv; ++h) {
-          for (int64_t c = 0; c < n; c += 16) {
-            const int64_t m = std::min<int64_t>(16, n - c);
-            transpose(static_cast<const char*>(seg.key) + size_t(c * seg.k_token + h * seg.k_head) * width, seg.k_token, m,
-                      D, kt.data());
+          for (int64_t c = 0; c < n; c += 32) {  // 32 keys at a time, or the last 16 or fewer
+            const int64_t m = std::min<int64_t>(32, n - c), columns = m > 16 ? 2 : 1;
+            const char* keys = static_cast<const char*>(seg.key) + size_t(c * seg.k_token + h * seg.k_head) * width;
+            for (int64_t half = 0; half < columns; ++half)
+              transpose(keys + size_t(16 * half * seg.k_token) * width, seg.k_token, std::min<int64_t>(16, m - 16 * half), D,
+                        kt.data() + 16 * half, 16 * columns);
             for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(head_of[size_t(h * rows * G + v)] * bs + c)];
-            scores_tile(&queries[size_t(h * rows * G)], rows * G, kt.data(), D, score_rows.data(), m);
+            if (columns == 2) scores_tile<2>(&queries[size_t(h * rows * G)], rows * G, kt.data(), D, score_rows.data(), m);
+            else scores_tile<1>(&queries[size_t(h * rows * G)], rows * G, kt.data(), D, score_rows.data(), m);
             next_rows.step(size_t(m * D) * width);
           }
         }
