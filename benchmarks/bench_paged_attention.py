@@ -31,7 +31,9 @@ Implementations (each checked once against ours on the case's data: "max|diff|")
 
 Bytes moved (decode) = the K + V cache bytes one call must read; the floor is those bytes
 over the copy bandwidth measured here (two threads copying a 1 GiB array; read + write bytes
-per second), and GB/s is the same bytes over the measured median time.  Prefill is
+per second), and GB/s is the same bytes over the measured median time.  '% read' relates GB/s
+to the read bandwidth (two threads summing a 1 GiB array), the true ceiling of a kernel that
+only reads: on the development VM it is 0.63x the copy figure.  Prefill is
 compute-bound: its GFLOP/s column (4 * heads * head_size * causal score count) matters there.
 
     python benchmarks/bench_paged_attention.py            # full sizes (a few minutes)
@@ -57,7 +59,7 @@ from onnxgen.backends.ort import session as onnxgen_session
 from onnxgen.passes import expand
 from onnxgen.testing import single_node_model
 
-from memory import CacheSweep, copy_bandwidth  # benchmarks/memory.py (the script directory is on sys.path)
+from memory import CacheSweep, copy_bandwidth, read_bandwidth  # benchmarks/memory.py (the script directory is on sys.path)
 
 HQ, HKV, D = 32, 8, 128
 BLOCK = 16  # ours
@@ -529,7 +531,7 @@ def build(case, expanded_rounds, skip):
     return impls
 
 
-def run_case(case, args, bandwidth):
+def run_case(case, args, bandwidth, read):
     impls = build(case, args.expanded_rounds, args.skip)
     ours = impls[0]
     if ours.error:
@@ -597,17 +599,17 @@ def run_case(case, args, bandwidth):
     print(f"   B={case.batch}, {case.tokens} new tokens, {lengths}, cache {np.dtype(case.cache_dtype).name}; "
           f"K+V cache read {nbytes / 1e6:.1f} MB -> floor {floor * 1e3:.3f} ms at {bandwidth / 1e9:.1f} GB/s; "
           f"{case.flops() / 1e9:.2f} GFLOP")
-    print(f"   {'':18}{'ms/call':>10}{'vs ours':>9}{'GB/s':>8}{'% copy':>8}{'GFLOP/s':>9}{'max|diff|':>11}"
+    print(f"   {'':18}{'ms/call':>10}{'vs ours':>9}{'GB/s':>8}{'% copy':>8}{'% read':>8}{'GFLOP/s':>9}{'max|diff|':>11}"
           f"{'rounds':>8}  notes")
     for impl in impls:
         if impl.error:
-            print(f"   {impl.name:18}{'n/a':>10}{'':>9}{'':>8}{'':>8}{'':>9}"
+            print(f"   {impl.name:18}{'n/a':>10}{'':>9}{'':>8}{'':>8}{'':>8}{'':>9}"
                   f"{diffs.get(impl.name, float('nan')):>11.1e}{'':>8}  {impl.error}")
             continue
         times = per_call[impl.name]
         t = statistics.median(times)
         rate = nbytes / t
-        print(f"   {impl.name:18}{t * 1e3:10.3f}{t / base:8.2f}x{rate / 1e9:8.1f}{100 * rate / bandwidth:7.0f}%"
+        print(f"   {impl.name:18}{t * 1e3:10.3f}{t / base:8.2f}x{rate / 1e9:8.1f}{100 * rate / bandwidth:7.0f}%{100 * rate / read:7.0f}%"
               f"{case.flops() / t / 1e9:9.1f}{diffs[impl.name]:11.1e}{len(times):>5}x{iters[impl.name]:<2}  {impl.note}")
     sys.stdout.flush()
     del impls, live
@@ -618,7 +620,7 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="Columns: ms/call is the median over the timed rounds; 'vs ours' is that time over "
                                             "ours (> 1: slower than ours); GB/s = K+V cache bytes / time; "
-                                            "'% copy' relates it to the measured copy bandwidth; max|diff| is "
+                                            "'% copy' and '% read' relate it to the measured copy and read bandwidths; max|diff| is "
                                             "the output against ours on the same data; rounds is "
                                             "'timed rounds x calls per round'.")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, few rounds: a smoke test")
@@ -647,6 +649,9 @@ def main():
     print(f"copy bandwidth: {bandwidth / 1e9:.1f} GB/s (read + write; 2 threads copying a "
           f"{args.copy_gib:g} GiB array, best of 5); {THREADS} threads everywhere; "
           f"heads {HQ}/{HKV}, head size {D}; onnxruntime {ort.__version__}")
+    read = read_bandwidth(int(args.copy_gib * (1 << 30)))
+    print(f"read bandwidth: {read / 1e9:.1f} GB/s (2 threads summing halves of a {args.copy_gib:g} GiB array, best of 5; "
+          f"{read / bandwidth:.2f}x the copy figure)")
     print(f"rounds: {args.warmup} warm-up calls + {args.rounds} timed rounds (expanded: 1 + {args.expanded_rounds}); "
           f"cold: every timed call follows a 1 GiB two-thread read that evicts the last-level cache (--warm: back-to-back calls); medians of the per-call time")
 
@@ -668,7 +673,7 @@ def main():
             case = make_case(rng, name, past, np.ones(batch), dtype)
         else:
             case = make_case(rng, name, [length], [1], dtype)
-        run_case(case, args, bandwidth)
+        run_case(case, args, bandwidth, read)
 
 
 if __name__ == "__main__":
