@@ -99,6 +99,21 @@ def test_random_compositions(seed, picks, block_size, group, causal, window, sof
     check(inputs, attrs, mod, torch_paged(inputs, torch_mod, **{**attrs, "softcap": 0.0}))
 
 
+def test_a_window_in_the_mask_becomes_the_kernels_window(rng):
+    """The final mask's ``kv >= q - W`` also sets local_window_size (the smaller where the node
+    has one), so the kernel skips the blocks it hides; the output is torch's all the same."""
+    from flex_cases import t_sliding_window, t_softcap
+    inputs, attrs = random_batch(rng, batch=2, block_size=4, group=2, mode="mixed", max_len=60)
+    mod = sm.compose(sm.softcap(5.0), sm.sliding_window(7, causal=False))
+    for node_window, want in ((-1, 7), (3, 3), (20, 7)):
+        model = single_node_model("PagedAttention", inputs, OUTPUTS, score_mod=mod,
+                                  **{**attrs, "local_window_size": node_window})
+        node = compile_score_mods(model).graph.node[0]
+        assert {a.name: helper.get_attribute_value(a) for a in node.attribute}["local_window_size"] == want
+    torch_mod = t_compose(t_softcap(5.0), t_sliding_window(7, causal=False))
+    check(inputs, attrs, mod, torch_paged(inputs, torch_mod, **attrs))
+
+
 def test_long_sequences_across_threads_and_fp16(rng):
     for dtype, tol in ((np.float32, 1e-4), (np.float16, 4e-3)):
         inputs, attrs = random_batch(rng, batch=2, block_size=16, group=4, mode="prefill", max_len=300, dtype=dtype)

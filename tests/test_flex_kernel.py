@@ -20,7 +20,8 @@ from test_flex_attention import flex_model, random_qkv
 from onnxgen import kernels
 from onnxgen.backends.ort import session
 from onnxgen.ops import score_mods as sm
-from onnxgen.passes.flex_kernel import _masks, flex_to_kernel
+from onnxgen.passes.compile_score_mod import implied_masks
+from onnxgen.passes.flex_kernel import flex_to_kernel
 from onnxgen.testing import run_expanded_on_ort
 
 
@@ -59,7 +60,7 @@ def test_long_sequences_blocks_split_and_causal_skip(rng, heads):
     """S = 300 > the kernel's 128-position segments; causal and window detected from the graph."""
     feeds = random_qkv(rng, 2, *heads, 300, 300)
     mod = sm.compose(sm.softcap(20.0), sm.alibi(heads[0]), sm.sliding_window(37))
-    assert _masks(mod) == (True, 37)
+    assert implied_masks(mod) == (True, 37)
     torch_mod = t_compose(t_softcap(20.0), t_alibi(sm.alibi_slopes(heads[0])), t_sliding_window(37))
     model = flex_model(sm.flex_score_mod(mod), *heads, scale=0.3)
     paged = next(n for n in flex_to_kernel(model).graph.node if n.op_type == "PagedAttention")
@@ -70,10 +71,10 @@ def test_long_sequences_blocks_split_and_causal_skip(rng, heads):
 
 
 def test_masks_only_from_a_final_where():
-    assert _masks(sm.causal()) == (True, -1)
-    assert _masks(sm.sliding_window(5, causal=False)) == (False, -1)  # no causal: window not used alone
-    assert _masks(sm.compose(sm.causal(), sm.alibi(4))) == (False, -1)  # a bias after the mask
-    assert _masks(sm.prefix_lm(3)) == (False, -1)  # Or: not a conjunct
+    assert implied_masks(sm.causal()) == (True, -1)
+    assert implied_masks(sm.sliding_window(5, causal=False)) == (False, 5)  # flex_kernel: only with causal
+    assert implied_masks(sm.compose(sm.causal(), sm.alibi(4))) == (False, -1)  # a bias after the mask
+    assert implied_masks(sm.prefix_lm(3)) == (False, -1)  # Or: not a conjunct
 
 
 def test_fp16_and_no_score_mod(rng):

@@ -47,7 +47,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from ..ops.domain import DOMAIN
 from .format import ContextError
@@ -216,12 +215,7 @@ def read(payload: bytes, nodes: list[onnx.NodeProto], *, scope_hash: str, kernel
                 raise ContextError(f"{label}: a program for a node without score_mod, or none for one with it")
             new = onnx.NodeProto()
             new.CopyFrom(node)
-            kept = [a for a in new.attribute if a.name not in ("score_mod", csm.PROGRAM_ATTR, csm.CONSTANTS_ATTR)]
-            del new.attribute[:]
-            new.attribute.extend(kept)
-            new.attribute.append(helper.make_attribute(csm.PROGRAM_ATTR, program.program.tolist()))
-            if program.constants.size:
-                new.attribute.append(helper.make_attribute(csm.CONSTANTS_ATTR, program.constants.tolist()))
+            csm.with_program(new, program)
             inline.replacements[index] = [new]
         elif _is_flex(node):
             raw_plan = entry.get("plan")

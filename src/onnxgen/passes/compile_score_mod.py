@@ -13,10 +13,11 @@ it):
 Registers hold float32 (``F``) or integer (``I``: int32 and int64 alike computed in 32 bits,
 where AVX2 vectorises them; booleans are 0/1) values; integer constants and tables outside the
 int32 range are not compiled.  Registers 0-4 are the inputs ``score`` (F), ``batch``, ``head``, ``q_pos`` and ``kv_pos`` (I).
-The kernel runs the program once per query row and cache block, over the vector of that row's
-scores for every head and kv position of the block; ``batch`` and ``q_pos`` are uniform there,
-and a register that depends only on uniform inputs and constants is computed once (length 1)
-and broadcast.  Every instruction's types are
+The kernel runs the program once per query row, head and cache block, over the vector of the
+visible kv positions' scores; ``batch``, ``head`` and ``q_pos`` are uniform there, and a register
+that depends only on uniform inputs and constants (ALiBi's slope) is computed once (length 1)
+and broadcast.  A window the graph's final mask implies also becomes the node's
+``local_window_size`` (``with_program``), so the kernel skips the blocks it hides.  Every instruction's types are
 fixed here, so the interpreter never checks a type while it runs.
 
 Graphs using a pointwise op that has no opcode (Erf, Mod, Round, …) are not compiled: the node
@@ -208,6 +209,72 @@ _SUPPORTED = frozenset(set(_FLOAT_BINARY) | set(_UNARY) | set(_COMPARE) | {
     "And", "Or", "Xor", "Not", "Where", "Cast", "Identity", "Clip", "Gather", "Constant"})
 
 
+def implied_masks(graph: onnx.GraphProto) -> tuple[bool, int]:
+    """(causal, window) that a pointwise score graph's final ``Where(keep, x, -inf)`` implies:
+    ``kv <= q`` among ``keep``'s conjuncts is causal, ``kv >= q - W`` a window of W (-1: none)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    constants = constant_arrays(graph)
+
+    def through(name):  # follow Identity and integer Casts back to a graph input
+        node = producer.get(name)
+        while node is not None and (node.op_type == "Identity" or (
+                node.op_type == "Cast" and helper.get_attribute_value(node.attribute[0]) in
+                (TensorProto.INT32, TensorProto.INT64))):
+            name = node.input[0]
+            node = producer.get(name)
+        return name
+
+    out = producer.get(through(graph.output[0].name))
+    if out is None or out.op_type != "Where":
+        return False, -1
+    other = constants.get(out.input[2])
+    if other is None or other.size != 1 or not np.isneginf(other.reshape(-1)[0]):
+        return False, -1
+    conjuncts, stack = [], [out.input[0]]
+    while stack:
+        name = stack.pop()
+        node = producer.get(name)
+        if node is not None and node.op_type == "And":
+            stack.extend(node.input)
+        elif node is not None:
+            conjuncts.append(node)
+    causal, window = False, -1
+    for node in conjuncts:
+        if len(node.input) != 2:  # Not, a Cast to bool, ...: no bound read off it
+            continue
+        a, b = (through(x) for x in node.input)
+        if (node.op_type, a, b) in (("LessOrEqual", "kv_pos", "q_pos"), ("GreaterOrEqual", "q_pos", "kv_pos")):
+            causal = True
+        elif node.op_type == "GreaterOrEqual" and a == "kv_pos":
+            sub = producer.get(b)
+            if sub is not None and sub.op_type == "Sub" and through(sub.input[0]) == "q_pos":
+                w = constants.get(sub.input[1])
+                if w is not None and w.size == 1 and w.dtype.kind == "i" and int(w.reshape(-1)[0]) >= 0:
+                    window = int(w.reshape(-1)[0]) if window < 0 else min(window, int(w.reshape(-1)[0]))
+    return causal, window
+
+
+def with_program(node: onnx.NodeProto, compiled: CompiledScore) -> None:
+    """Replace ``node``'s score_mod graph by its bytecode, in place.  A window that the graph's
+    final mask implies (``kv >= q - W``) also becomes ``local_window_size`` (the smaller of the
+    two where the node has one), so the kernel skips the blocks it hides: same result, as the
+    program still masks them.  A 1024-token prefill with a 256 window does half the work."""
+    mod = next(a for a in node.attribute if a.name == "score_mod")
+    _, window = implied_masks(mod.g)
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    kept = [a for a in node.attribute if a.name not in ("score_mod", PROGRAM_ATTR, CONSTANTS_ATTR, "local_window_size")]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+    current = int(attrs.get("local_window_size", -1))
+    if window >= 0:
+        current = window if current < 0 else min(current, window)
+    if current >= 0 or "local_window_size" in attrs:
+        node.attribute.append(helper.make_attribute("local_window_size", current))
+    node.attribute.append(helper.make_attribute(PROGRAM_ATTR, compiled.program.tolist()))
+    if compiled.constants.size:
+        node.attribute.append(helper.make_attribute(CONSTANTS_ATTR, compiled.constants.tolist()))
+
+
 def _node_label(node: onnx.NodeProto) -> str:
     return f"{node.op_type} node {node.name or node.output[0]!r}"
 
@@ -239,10 +306,5 @@ def compile_score_mods(model: onnx.ModelProto, *, to_bytecode: bool = True) -> o
                 warnings.warn(f"{where}: score_mod uses {reason}, which onnxgen's kernel cannot run compiled; "
                               "this node runs as its expanded function body (slow)", stacklevel=3)
                 continue
-            kept = [a for a in node.attribute if a.name not in ("score_mod", PROGRAM_ATTR, CONSTANTS_ATTR)]
-            del node.attribute[:]
-            node.attribute.extend(kept)
-            node.attribute.append(helper.make_attribute(PROGRAM_ATTR, compiled.program.tolist()))
-            if compiled.constants.size:
-                node.attribute.append(helper.make_attribute(CONSTANTS_ATTR, compiled.constants.tolist()))
+            with_program(node, compiled)
     return model_copy

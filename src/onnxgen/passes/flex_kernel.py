@@ -42,52 +42,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..ops.domain import DOMAIN
 from ..ops.score_mods import pointwise_of
-from .compile_score_mod import CONSTANTS_ATTR, PROGRAM_ATTR, CompiledScore, Unsupported, compile_graph
+from .compile_score_mod import CONSTANTS_ATTR, PROGRAM_ATTR, CompiledScore, Unsupported, compile_graph, implied_masks
 
 FLEX_DOMAIN = "ai.onnx.preview"
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
-
-
-def _masks(graph: onnx.GraphProto) -> tuple[bool, int]:
-    """(causal, window) that the pointwise graph's final ``Where(keep, x, -inf)`` implies."""
-    producer = {o: n for n in graph.node for o in n.output}
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-
-    def through(name):  # follow Identity and integer Casts back to a graph input
-        node = producer.get(name)
-        while node is not None and (node.op_type == "Identity" or (
-                node.op_type == "Cast" and helper.get_attribute_value(node.attribute[0]) in
-                (TensorProto.INT32, TensorProto.INT64))):
-            name = node.input[0]
-            node = producer.get(name)
-        return name
-
-    out = producer.get(through(graph.output[0].name))
-    if out is None or out.op_type != "Where":
-        return False, -1
-    other = constants.get(out.input[2])
-    if other is None or other.size != 1 or not np.isneginf(other.reshape(-1)[0]):
-        return False, -1
-    conjuncts, stack = [], [out.input[0]]
-    while stack:
-        name = stack.pop()
-        node = producer.get(name)
-        if node is not None and node.op_type == "And":
-            stack.extend(node.input)
-        elif node is not None:
-            conjuncts.append(node)
-    causal, window = False, -1
-    for node in conjuncts:
-        a, b = (through(x) for x in node.input[:2])
-        if (node.op_type, a, b) in (("LessOrEqual", "kv_pos", "q_pos"), ("GreaterOrEqual", "q_pos", "kv_pos")):
-            causal = True
-        elif node.op_type == "GreaterOrEqual" and a == "kv_pos":
-            sub = producer.get(b)
-            if sub is not None and sub.op_type == "Sub" and through(sub.input[0]) == "q_pos":
-                w = constants.get(sub.input[1])
-                if w is not None and w.size == 1 and w.dtype.kind == "i" and int(w.reshape(-1)[0]) >= 0:
-                    window = int(w.reshape(-1)[0]) if window < 0 else min(window, int(w.reshape(-1)[0]))
-    return causal, window if causal else -1
 
 
 def _static_dims(value: onnx.ValueInfoProto | None) -> list[int | None] | None:
@@ -216,8 +174,8 @@ def plan_rewrite(node: onnx.NodeProto, infos, *, stacklevel: int = 4) -> FlexPla
             warnings.warn(f"{label}: score_mod uses {reason}, which onnxgen's kernel cannot run compiled; "
                           "this node runs expanded (slow)", stacklevel=stacklevel)
             return None
-        causal, plan.local_window_size = _masks(pointwise)
-        plan.is_causal = int(causal)
+        causal, window = implied_masks(pointwise)
+        plan.is_causal, plan.local_window_size = int(causal), window if causal else -1
     return plan
 
 
