@@ -370,7 +370,7 @@ class Attention {
           for (int64_t head = 0; head < H; ++head) {
             float* visible = &scores[size_t((r * H + head) * bs + vis_lo)];
             if (a_.softcap > 0.f)
-              for (int64_t t = 0; t < vis_hi - vis_lo; ++t) visible[t] = a_.softcap * std::tanh(visible[t] * scale_ / a_.softcap);
+              soft_cap(visible, vis_hi - vis_lo);
             a_.score_mod.run(visible, vis_hi - vis_lo, item.seq, head, q_pos, seg.first_position + vis_lo, scratch);
           }
         for (int64_t head = 0; head < H; ++head)
@@ -409,6 +409,17 @@ class Attention {
   }
 
  private:
+  // s[t] = softcap * tanh(s[t] * scale / softcap) for t < n, eight lanes at a time (score_tanh256:
+  // relative error ~3e-7; std::tanh per score made the attribute 2x slower than a compiled mod).
+  void soft_cap(float* s, int64_t n) const {
+    const float inner = scale_ / a_.softcap;
+    const __m256 vi = _mm256_set1_ps(inner), vo = _mm256_set1_ps(a_.softcap);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8)
+      _mm256_storeu_ps(s + t, _mm256_mul_ps(vo, score_tanh256(_mm256_mul_ps(_mm256_loadu_ps(s + t), vi))));
+    for (; t < n; ++t) s[t] = a_.softcap * std::tanh(s[t] * inner);
+  }
+
   // Softcap and mask one row of scores (visible tokens [lo, hi)), fold it into the running
   // softmax of state i, and leave the (unnormalised) probabilities in `s`.  False if none visible.
   // `modded`: the soft cap and the score_mod program have already run on the visible scores; a
@@ -420,7 +431,7 @@ class Attention {
       return false;
     }
     if (a_.softcap > 0.f && !modded)
-      for (int64_t t = lo; t < hi; ++t) s[t] = a_.softcap * std::tanh(s[t] * scale_ / a_.softcap);
+      soft_cap(s + lo, hi - lo);
     float m = state.max(i);
     m = max_of(m, s + lo, hi - lo);
     if (m == kNegInf) {  // everything so far masked by score_mod
