@@ -111,9 +111,9 @@ def no_compiler(monkeypatch):
     def refuse(*_, **__):
         raise AssertionError("the compiler ran although the blob was valid")
 
-    for module, name in ((compile_score_mod, "compile_graph"), (compile_score_mod, "compile_score_mods"),
-                         (flex_kernel, "compile_graph"), (flex_kernel, "flex_to_kernel"),
-                         (flex_kernel, "plan_rewrite")):
+    for module, name in ((compile_score_mod, "compile_graph"), (compile_score_mod, "kernel_program"),
+                         (compile_score_mod, "compile_score_mods"), (flex_kernel, "kernel_program"),
+                         (flex_kernel, "flex_to_kernel"), (flex_kernel, "plan_rewrite")):
         monkeypatch.setattr(module, name, refuse)
 
 

@@ -26,7 +26,7 @@ from onnxgen.backends.ort import session
 from onnxgen.ops import flex_score
 from onnxgen.ops import score_mods as sm
 from onnxgen.passes.compile_score_mod import (PROGRAM_ATTR, ScoreModError, Unsupported, compile_graph,
-                                              compile_score_mods)
+                                              compile_score_mods, plain_mask)
 from onnxgen.testing import feeds, run_reference, single_node_model
 
 CACHES = ("key_cache", "value_cache")
@@ -43,9 +43,10 @@ def run_compiled(model, inputs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback allowed here
         compiled = compile_score_mods(model)
-    node = compiled.graph.node[0]
-    assert node.op_type == "PagedAttention" and {a.name for a in node.attribute} >= {PROGRAM_ATTR}
-    assert "score_mod" not in {a.name for a in node.attribute}
+    node, mod = compiled.graph.node[0], next(a.g for a in model.graph.node[0].attribute if a.name == "score_mod")
+    names = {a.name for a in node.attribute}
+    assert node.op_type == "PagedAttention" and "score_mod" not in names
+    assert (PROGRAM_ATTR in names) != plain_mask(mod)  # a plain mask runs as the kernel's attributes alone
     options = ort.SessionOptions()
     options.register_custom_ops_library(kernels.library_path())
     s = ort.InferenceSession(compiled.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -223,7 +224,7 @@ def test_gather_out_of_range_is_an_onnxruntime_error(rng):
 
 def test_program_is_checked_by_the_kernel(rng):
     inputs, attrs = random_batch(rng, batch=1, block_size=4, group=1, mode="decode")
-    model = compile_score_mods(single_node_model("PagedAttention", inputs, OUTPUTS, score_mod=sm.causal(), **attrs))
+    model = compile_score_mods(single_node_model("PagedAttention", inputs, OUTPUTS, score_mod=sm.alibi(attrs["num_heads"]), **attrs))
     program = next(a for a in model.graph.node[0].attribute if a.name == PROGRAM_ATTR)
     program.ints[5] = 1  # the first instruction writes an input register
     options = ort.SessionOptions()

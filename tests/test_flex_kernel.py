@@ -20,7 +20,7 @@ from test_flex_attention import flex_model, random_qkv
 from onnxgen import kernels
 from onnxgen.backends.ort import session
 from onnxgen.ops import score_mods as sm
-from onnxgen.passes.compile_score_mod import implied_masks
+from onnxgen.passes.compile_score_mod import Masks, compile_graph, implied_masks, kernel_program, plain_mask
 from onnxgen.passes.flex_kernel import flex_to_kernel
 from onnxgen.testing import run_expanded_on_ort
 
@@ -60,7 +60,8 @@ def test_long_sequences_blocks_split_and_causal_skip(rng, heads):
     """S = 300 > the kernel's 128-position segments; causal and window detected from the graph."""
     feeds = random_qkv(rng, 2, *heads, 300, 300)
     mod = sm.compose(sm.softcap(20.0), sm.alibi(heads[0]), sm.sliding_window(37))
-    assert implied_masks(mod) == (True, 37)
+    masks = implied_masks(mod)
+    assert (masks.causal, masks.window) == (True, 37) and masks.kept is not None
     torch_mod = t_compose(t_softcap(20.0), t_alibi(sm.alibi_slopes(heads[0])), t_sliding_window(37))
     model = flex_model(sm.flex_score_mod(mod), *heads, scale=0.3)
     paged = next(n for n in flex_to_kernel(model).graph.node if n.op_type == "PagedAttention")
@@ -71,10 +72,26 @@ def test_long_sequences_blocks_split_and_causal_skip(rng, heads):
 
 
 def test_masks_only_from_a_final_where():
-    assert implied_masks(sm.causal()) == (True, -1)
-    assert implied_masks(sm.sliding_window(5, causal=False)) == (False, 5)  # flex_kernel: only with causal
-    assert implied_masks(sm.compose(sm.causal(), sm.alibi(4))) == (False, -1)  # a bias after the mask
-    assert implied_masks(sm.prefix_lm(3)) == (False, -1)  # Or: not a conjunct
+    assert implied_masks(sm.causal()) == Masks(True, -1, "score")
+    assert implied_masks(sm.sliding_window(5, causal=False)) == Masks(False, 5, "score")
+    assert implied_masks(sm.compose(sm.causal(), sm.alibi(4))) == Masks()  # a bias after the mask
+    assert implied_masks(sm.prefix_lm(3)) == Masks()  # Or: not a conjunct
+    doc = sm.document_mask(np.array([0, 0, 1, 1], np.int32))  # same document AND causal
+    assert implied_masks(doc) == Masks(True, -1, None)  # the document conjunct stays in the program
+    windowed = sm.compose(doc, sm.sliding_window(2))  # the window layer peels off, the document one stays
+    masks = implied_masks(windowed)
+    assert masks.causal and masks.window == 2 and masks.kept is not None and not plain_mask(windowed)
+
+
+def test_plain_masks_need_no_program_and_bounds_leave_the_program():
+    """Causal and window bounds become the kernel's attributes: no program for a plain mask, and
+    a program without the mask's instructions for a bias under one."""
+    assert kernel_program(sm.causal()) is None and kernel_program(sm.sliding_window(9)) is None
+    assert plain_mask(sm.compose(sm.causal(), sm.sliding_window(9, causal=False)))
+    biased = sm.compose(sm.alibi(4), sm.sliding_window(9))
+    assert not plain_mask(biased)
+    whole, stripped = compile_graph(biased), kernel_program(biased)
+    assert 4 < stripped.program[3] < whole.program[3]  # instructions: the bias's only
 
 
 def test_fp16_and_no_score_mod(rng):

@@ -87,6 +87,18 @@ def has_programs(sub: onnx.ModelProto) -> bool:
                for n in sub.graph.node)
 
 
+def _needs_no_program(flex: onnx.NodeProto) -> bool:
+    """A FlexAttention node without score_mod, or with one that is only causal / window bounds."""
+    from ..ops.score_mods import pointwise_of
+    from ..passes import compile_score_mod as csm
+
+    mod = _score_mod(flex)
+    if mod is None:
+        return True
+    pointwise, _ = pointwise_of(mod.g)
+    return pointwise is not None and csm.plain_mask(pointwise)
+
+
 def make(sub: onnx.ModelProto, *, scope_hash: str, kernels_sha256: str) -> bytes:
     """The payload for the scope ``sub`` (its standalone model, nodes in the scope's order).
 
@@ -104,7 +116,7 @@ def make(sub: onnx.ModelProto, *, scope_hash: str, kernels_sha256: str) -> bytes
         if node.domain == DOMAIN and node.op_type == "PagedAttention" and _score_mod(node) is not None:
             where = f"PagedAttention node {node.name or node.output[0]!r}"
             try:
-                compiled = csm.compile_graph(_score_mod(node).g, where, opset)
+                compiled = csm.kernel_program(_score_mod(node).g, where, opset)
             except csm.Unsupported as reason:
                 warnings.warn(f"{where}: score_mod uses {reason}, which onnxgen's kernel cannot run compiled; "
                               "not in the blob (it runs as its expanded function body)", stacklevel=3)
@@ -211,8 +223,8 @@ def read(payload: bytes, nodes: list[onnx.NodeProto], *, scope_hash: str, kernel
                                     or program.program[1] != csm.VERSION):
             raise ContextError(f"{label}: not a version-{csm.VERSION} score program")
         if node.domain == DOMAIN and node.op_type == "PagedAttention":
-            if _score_mod(node) is None or program is None:
-                raise ContextError(f"{label}: a program for a node without score_mod, or none for one with it")
+            if _score_mod(node) is None or (program is None) != csm.plain_mask(_score_mod(node).g):
+                raise ContextError(f"{label}: a program for a node without score_mod, or none for one that needs it")
             new = onnx.NodeProto()
             new.CopyFrom(node)
             csm.with_program(new, program)
@@ -223,7 +235,7 @@ def read(payload: bytes, nodes: list[onnx.NodeProto], *, scope_hash: str, kernel
                     isinstance(v, int) and not isinstance(v, bool) for v in raw_plan.values()):
                 raise ContextError(f"{label}: the plan must give the integers {', '.join(_PLAN_FIELDS)}")
             plan = flex_kernel.FlexPlan(**raw_plan, program=program)
-            if (program is None) != (_score_mod(node) is None) or not flex_kernel.rewritable(node):
+            if (program is None) != _needs_no_program(node) or not flex_kernel.rewritable(node):
                 raise ContextError(f"{label}: the plan does not fit the node (score_mod, prob_mod, precision)")
             sizes = flex_kernel.static_sizes(node, infos())
             want = (plan.elem_type, plan.num_heads, plan.head_size, plan.kv_num_heads, plan.v_head_size)

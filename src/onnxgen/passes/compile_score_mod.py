@@ -209,9 +209,19 @@ _SUPPORTED = frozenset(set(_FLOAT_BINARY) | set(_UNARY) | set(_COMPARE) | {
     "And", "Or", "Xor", "Not", "Where", "Cast", "Identity", "Clip", "Gather", "Constant"})
 
 
-def implied_masks(graph: onnx.GraphProto) -> tuple[bool, int]:
-    """(causal, window) that a pointwise score graph's final ``Where(keep, x, -inf)`` implies:
-    ``kv <= q`` among ``keep``'s conjuncts is causal, ``kv >= q - W`` a window of W (-1: none)."""
+@dataclass
+class Masks:
+    """What a score graph's final ``Where(keep, x, -inf)`` layers say: ``kv <= q`` among
+    ``keep``'s conjuncts is causal, ``kv >= q - W`` a window of W (-1: none).  ``kept`` names the
+    value under the outer layers whose conjuncts are all such bounds (the kernel's is_causal /
+    local_window_size can mask alone), None when the outermost has another conjunct."""
+    causal: bool = False
+    window: int = -1
+    kept: str | None = None
+
+
+def implied_masks(graph: onnx.GraphProto) -> Masks:
+    """The masks of ``graph``'s final ``Where(keep, x, -inf)`` (see ``Masks``)."""
     producer = {o: n for n in graph.node for o in n.output}
     constants = constant_arrays(graph)
 
@@ -224,55 +234,108 @@ def implied_masks(graph: onnx.GraphProto) -> tuple[bool, int]:
             node = producer.get(name)
         return name
 
-    out = producer.get(through(graph.output[0].name))
-    if out is None or out.op_type != "Where":
-        return False, -1
-    other = constants.get(out.input[2])
-    if other is None or other.size != 1 or not np.isneginf(other.reshape(-1)[0]):
-        return False, -1
-    conjuncts, stack = [], [out.input[0]]
-    while stack:
-        name = stack.pop()
-        node = producer.get(name)
-        if node is not None and node.op_type == "And":
-            stack.extend(node.input)
-        elif node is not None:
-            conjuncts.append(node)
-    causal, window = False, -1
-    for node in conjuncts:
-        if len(node.input) != 2:  # Not, a Cast to bool, ...: no bound read off it
-            continue
+    def bounds(node):  # ("causal", None) or ("window", W) for a bound conjunct, else None
+        if node is None or len(node.input) != 2:
+            return None
         a, b = (through(x) for x in node.input)
         if (node.op_type, a, b) in (("LessOrEqual", "kv_pos", "q_pos"), ("GreaterOrEqual", "q_pos", "kv_pos")):
-            causal = True
-        elif node.op_type == "GreaterOrEqual" and a == "kv_pos":
+            return "causal", None
+        if node.op_type == "GreaterOrEqual" and a == "kv_pos":
             sub = producer.get(b)
             if sub is not None and sub.op_type == "Sub" and through(sub.input[0]) == "q_pos":
                 w = constants.get(sub.input[1])
                 if w is not None and w.size == 1 and w.dtype.kind == "i" and int(w.reshape(-1)[0]) >= 0:
-                    window = int(w.reshape(-1)[0]) if window < 0 else min(window, int(w.reshape(-1)[0]))
-    return causal, window
+                    return "window", int(w.reshape(-1)[0])
+        return None
+
+    # Peel Where(keep, x, -inf) layers from the output (a composition of masks is one per mod).
+    masks, name = Masks(), graph.output[0].name
+    while True:
+        out = producer.get(through(name))
+        if out is None or out.op_type != "Where":
+            break
+        other = constants.get(out.input[2])
+        if other is None or other.size != 1 or not np.isneginf(other.reshape(-1)[0]):
+            break
+        conjuncts, stack = [], [out.input[0]]
+        while stack:
+            node = producer.get(stack.pop())
+            if node is not None and node.op_type == "And":
+                stack.extend(node.input)
+            else:
+                conjuncts.append(node)  # None: a graph input or a constant, no bound
+        found = [bounds(node) for node in conjuncts]
+        for kind, w in filter(None, found):
+            if kind == "causal":
+                masks.causal = True
+            else:
+                masks.window = w if masks.window < 0 else min(masks.window, w)
+        if None in found:  # a conjunct that is neither bound: the program keeps this mask
+            break
+        masks.kept = name = out.input[1]
+    return masks
 
 
-def with_program(node: onnx.NodeProto, compiled: CompiledScore) -> None:
-    """Replace ``node``'s score_mod graph by its bytecode, in place.  A window that the graph's
-    final mask implies (``kv >= q - W``) also becomes ``local_window_size`` (the smaller of the
-    two where the node has one), so the kernel skips the blocks it hides: same result, as the
-    program still masks them.  A 1024-token prefill with a 256 window does half the work."""
+def _computing(graph: onnx.GraphProto, name: str) -> onnx.GraphProto:
+    """A copy of ``graph`` whose output is ``name``, with the nodes it does not need dropped."""
+    producer = {o: n for n in graph.node for o in n.output}
+    needed, stack = set(), [name]
+    while stack:
+        node = producer.get(stack.pop())
+        if node is not None and id(node) not in needed:
+            needed.add(id(node))
+            stack.extend(x for x in node.input if x)
+    rest = onnx.GraphProto()
+    rest.CopyFrom(graph)
+    del rest.node[:]
+    rest.node.extend(n for n in graph.node if id(n) in needed)
+    rest.output[0].name = name
+    return rest
+
+
+def kernel_program(graph: onnx.GraphProto, where: str = "PagedAttention", opset: int = 25) -> CompiledScore | None:
+    """The bytecode the kernel runs for a score graph (the whole graph is checked and compiled
+    first: same errors as ``compile_graph``).  Where the final mask is made of causal and window
+    bounds only, the kernel applies them itself (``with_program`` / ``flex_kernel`` set
+    is_causal and local_window_size, and the kernel skips the blocks they hide) and the program
+    computes only what the mask keeps: None where that is the score itself (a plain mask)."""
+    whole = compile_graph(graph, where, opset)
+    kept = implied_masks(graph).kept
+    if kept is None:
+        return whole
+    return None if plain_mask(graph) else compile_graph(_computing(graph, kept), where, opset)
+
+
+def plain_mask(graph: onnx.GraphProto) -> bool:
+    """Whether ``graph`` is only causal and window bounds on the score as it came (no program)."""
+    kept = implied_masks(graph).kept
+    return kept is not None and all(n.op_type == "Identity" for n in _computing(graph, kept).node)
+
+
+def with_program(node: onnx.NodeProto, compiled: CompiledScore | None) -> None:
+    """Replace ``node``'s score_mod graph by the kernel's form, in place: ``compiled``
+    (``kernel_program``: None for a plain mask), and the bounds of the graph's final mask as
+    attributes, is_causal = 1 for ``kv <= q`` and ``local_window_size`` (the smaller of the two
+    where the node has one) for ``kv >= q - W``, so that the kernel skips the blocks they hide.
+    Same result where the program still masks them.  A 1024-token prefill with a 256 window
+    does half the work."""
     mod = next(a for a in node.attribute if a.name == "score_mod")
-    _, window = implied_masks(mod.g)
+    masks = implied_masks(mod.g)
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    kept = [a for a in node.attribute if a.name not in ("score_mod", PROGRAM_ATTR, CONSTANTS_ATTR, "local_window_size")]
+    dropped = ("score_mod", PROGRAM_ATTR, CONSTANTS_ATTR, "local_window_size", "is_causal")
+    kept = [a for a in node.attribute if a.name not in dropped]
     del node.attribute[:]
     node.attribute.extend(kept)
-    current = int(attrs.get("local_window_size", -1))
-    if window >= 0:
-        current = window if current < 0 else min(current, window)
-    if current >= 0 or "local_window_size" in attrs:
-        node.attribute.append(helper.make_attribute("local_window_size", current))
-    node.attribute.append(helper.make_attribute(PROGRAM_ATTR, compiled.program.tolist()))
-    if compiled.constants.size:
-        node.attribute.append(helper.make_attribute(CONSTANTS_ATTR, compiled.constants.tolist()))
+    causal = int(attrs.get("is_causal", 1)) or int(masks.causal)
+    window = int(attrs.get("local_window_size", -1))
+    if masks.window >= 0:
+        window = masks.window if window < 0 else min(window, masks.window)
+    node.attribute.append(helper.make_attribute("is_causal", causal))
+    node.attribute.append(helper.make_attribute("local_window_size", window))
+    if compiled is not None:
+        node.attribute.append(helper.make_attribute(PROGRAM_ATTR, compiled.program.tolist()))
+        if compiled.constants.size:
+            node.attribute.append(helper.make_attribute(CONSTANTS_ATTR, compiled.constants.tolist()))
 
 
 def _node_label(node: onnx.NodeProto) -> str:
@@ -301,7 +364,7 @@ def compile_score_mods(model: onnx.ModelProto, *, to_bytecode: bool = True) -> o
                 check(mod.g, where, opset)
                 continue
             try:
-                compiled = compile_graph(mod.g, where, opset)
+                compiled = kernel_program(mod.g, where, opset)
             except Unsupported as reason:
                 warnings.warn(f"{where}: score_mod uses {reason}, which onnxgen's kernel cannot run compiled; "
                               "this node runs as its expanded function body (slow)", stacklevel=3)

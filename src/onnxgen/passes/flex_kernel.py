@@ -14,8 +14,9 @@ program (``passes.compile_score_mod``), the node becomes one PagedAttention run 
   query positions from 0 (``q_pos = q_idx``), no new keys, nothing written;
 - ``score_program``/``score_constants`` from the pointwise graph, ``is_causal=0`` unless the
   graph's last op is ``Where(keep, x, -inf)`` with ``kv <= q`` among ``keep``'s conjuncts
-  (then ``is_causal=1`` too, and ``kv >= q - W`` gives ``local_window_size=W``: same result,
-  and the kernel skips the blocks they hide);
+  (then ``is_causal=1``; ``kv >= q - W`` gives ``local_window_size=W``: the kernel skips the
+  blocks they hide); where those are all the conjuncts the program computes only x, and none
+  is needed for a plain mask (``compile_score_mod.kernel_program``);
 - the output ``[B*L, Hq*Dv]`` -> ``[B, Hq, L, Dv]``.
 
 Other nodes (a ``prob_mod``, a non-pointwise ``score_mod``, an op without bytecode, double
@@ -42,7 +43,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ..ops.domain import DOMAIN
 from ..ops.score_mods import pointwise_of
-from .compile_score_mod import CONSTANTS_ATTR, PROGRAM_ATTR, CompiledScore, Unsupported, compile_graph, implied_masks
+from .compile_score_mod import CONSTANTS_ATTR, PROGRAM_ATTR, CompiledScore, Unsupported, implied_masks, kernel_program
 
 FLEX_DOMAIN = "ai.onnx.preview"
 _FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
@@ -169,13 +170,13 @@ def plan_rewrite(node: onnx.NodeProto, infos, *, stacklevel: int = 4) -> FlexPla
         if pointwise is None:
             return None
         try:
-            plan.program = compile_graph(pointwise, label)
+            plan.program = kernel_program(pointwise, label)
         except Unsupported as reason:
             warnings.warn(f"{label}: score_mod uses {reason}, which onnxgen's kernel cannot run compiled; "
                           "this node runs expanded (slow)", stacklevel=stacklevel)
             return None
-        causal, window = implied_masks(pointwise)
-        plan.is_causal, plan.local_window_size = int(causal), window if causal else -1
+        masks = implied_masks(pointwise)
+        plan.is_causal, plan.local_window_size = int(masks.causal), masks.window
     return plan
 
 
