@@ -127,10 +127,13 @@ class ScoreProgram {
   void run(float* s, int64_t n, int64_t batch, int64_t head, int64_t q_pos, int64_t kv0, Scratch& m) const {
     if (n <= 0) return;
     const int64_t W = m.width;
-    auto F = [&](int64_t r) { return &m.f[size_t(r * W)]; };
+    // The score input and the result are `s` itself, no copies in or out: every instruction is
+    // element-wise (reads index t, writes index t) and the result is written by the last one
+    // alone, so it may overwrite the scores it reads.
+    const int64_t out = code_.back().dst;
+    auto F = [&](int64_t r) { return r == 0 || r == out ? s : &m.f[size_t(r * W)]; };
     auto I = [&](int64_t r) { return &m.i[size_t(r * W)]; };
     auto st = [&](int64_t r) { return uniform_[size_t(r)] ? int64_t(0) : int64_t(1); };
-    std::memcpy(F(0), s, size_t(n) * sizeof(float));
     I(1)[0] = ScoreInt(batch), I(2)[0] = ScoreInt(head), I(3)[0] = ScoreInt(q_pos);
     for (int64_t t = 0; t < n; ++t) I(4)[t] = ScoreInt(kv0 + t);
     for (const Instr& in : code_) {
@@ -226,10 +229,7 @@ class ScoreProgram {
         default: break;
       }
     }
-    const int64_t out = code_.back().dst;
-    const float* r = F(out);
-    if (uniform_[size_t(out)]) std::fill_n(s, n, r[0]);
-    else std::memcpy(s, r, size_t(n) * sizeof(float));
+    if (uniform_[size_t(out)]) std::fill_n(s + 1, n - 1, s[0]);  // a constant result: s[0] only
   }
 
  private:
