@@ -71,8 +71,12 @@ on scalars, on broadcast tensors or over a vector of keys. Its value only matter
 the masks keep (`kv_pos < past + new`); a table it gathers from must cover them.
 `onnxgen.ops.score_mods` builds the common ones (causal, sliding window, softcap, ALiBi,
 relative position bias, prefix-LM, document masking) and composes them. onnxgen's kernel runs
-it compiled to a small bytecode (`onnxgen.passes.compile_score_mod`); the reference and the
-function body evaluate the graph itself."""
+it compiled to a small bytecode (`onnxgen.passes.compile_score_mod`), once per query row, head
+and cache block over the visible keys; the reference and the function body evaluate the graph
+itself. Where the graph ends in masks made only of causal (`kv_pos <= q_pos`) and window
+(`kv_pos >= q_pos - W`) bounds, the compiler hands those to the kernel as `is_causal` and
+`local_window_size` (the kernel then skips the blocks they hide) and the bytecode computes the
+rest; a plain mask needs no bytecode at all. The result is the same."""
 
 SCHEMA = S.Schema(
     NAME, DOMAIN, DOMAIN_VERSION, DOC,
