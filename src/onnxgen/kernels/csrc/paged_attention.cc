@@ -310,13 +310,17 @@ class Attention {
       const Segment& seg = segments[size_t(s)];
       // Causal: no query of this item sees past its last row's position.
       const int64_t n = a_.is_causal ? std::clamp<int64_t>(past + item.row_end - seg.first_position, 0, seg.count) : seg.count;
+      // Window: no query of this item sees a key before its first row's position - W, so the
+      // prefill tiles and the value sums start there (softmax_step zeroes what lies before).
+      const int64_t first_key =
+          a_.local_window_size >= 0 ? std::clamp<int64_t>(past + item.row_begin - a_.local_window_size - seg.first_position, 0, n) : 0;
       if (s + 1 < item.segment_end) next_rows.reset(segments[size_t(s) + 1], Hkv, D, Dv);
       else next_rows.clear();
       const size_t width = dtype_size(seg.type);
       if (tiled) {  // many queries per key: transpose each head's keys once, then broadcast-FMAs
         const TransposeFn transpose = transpose_for(seg.type);
         for (int64_t h = 0; h < Hkv; ++h) {
-          for (int64_t c = 0; c < n; c += 32) {  // 32 keys at a time, or the last 16 or fewer
+          for (int64_t c = first_key; c < n; c += 32) {  // 32 keys at a time, or the last 16 or fewer
             const int64_t m = std::min<int64_t>(32, n - c), columns = m > 16 ? 2 : 1;
             const char* keys = static_cast<const char*>(seg.key) + size_t(c * seg.k_token + h * seg.k_head) * width;
             for (int64_t half = 0; half < columns; ++half)
@@ -384,11 +388,12 @@ class Attention {
         for (int64_t h = 0; h < Hkv; ++h) {
           for (int64_t v = 0; v < rows * G; ++v) {
             const int64_t i = head_of[size_t(h * rows * G + v)];
-            prob_rows[size_t(v)] = &scores[size_t(i * bs)];
+            prob_rows[size_t(v)] = &scores[size_t(i * bs + first_key)];
             acc_rows[size_t(v)] = state.acc(i);
           }
-          weigh(prob_rows.data(), rows * G, static_cast<const char*>(seg.value) + size_t(h * seg.v_head) * width, seg.v_token, n,
-                Dv, acc_rows.data());
+          weigh(prob_rows.data(), rows * G,
+                static_cast<const char*>(seg.value) + size_t(first_key * seg.v_token + h * seg.v_head) * width, seg.v_token,
+                n - first_key, Dv, acc_rows.data());
           next_rows.step(size_t(n * Dv) * width);
         }
         continue;
