@@ -146,12 +146,28 @@ def test_rewrite_is_kernel_only(rng):
     """The rewritten node carries the kernel's private attributes (not PagedAttention's schema)."""
     model = flex_model(sm.flex_score_mod(sm.alibi(4)), 4, 2)
     rewritten = flex_to_kernel(model)
-    assert {n.op_type for n in rewritten.graph.node} >= {"PagedAttention", "Transpose", "Reshape"}
+    ops = {n.op_type for n in rewritten.graph.node}
+    assert ops >= {"PagedAttention", "Reshape"} and "Transpose" not in ops  # heads_first: no copies around it
     paged = next(n for n in rewritten.graph.node if n.op_type == "PagedAttention")
-    assert {a.name for a in paged.attribute} >= {"cache_only", "score_program", "score_constants"}
+    assert {a.name for a in paged.attribute} >= {"cache_only", "heads_first", "score_program", "score_constants"}
     with pytest.raises(onnx.checker.ValidationError, match="cache_only"):
         onnx.checker.check_model(rewritten)
     onnx.checker.check_model(model)  # the model itself is untouched
+
+
+def test_heads_first_without_cache_only_is_refused(rng):
+    """heads_first is FlexAttention's layout for the cache-only mode; on a paged call it is an error."""
+    import onnxruntime as ort
+    from paged_cases import OUTPUTS, random_batch
+
+    from onnxgen.testing import feeds, single_node_model
+    inputs, attrs = random_batch(rng, batch=2, block_size=4, group=2, mode="mixed")
+    model = single_node_model("PagedAttention", inputs, OUTPUTS, heads_first=1, **attrs)
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(kernels.library_path())
+    with pytest.raises(Exception, match="heads_first needs cache_only"):
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(
+            None, feeds(inputs))
 
 
 def test_vector_tanh_exp_sigmoid_match_numpy(rng):

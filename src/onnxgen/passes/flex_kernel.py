@@ -7,7 +7,9 @@ scores and every index tensor of the ``score_mod`` graph.  Where the node's whol
 ``score_mods.flex_score_mod`` and ``onnxgen.export.flex`` write them) and compiles to a score
 program (``passes.compile_score_mod``), the node becomes one PagedAttention run by the kernel:
 
-- queries ``[B, Hq, L, D]`` -> ``[B*L, Hq*D]``, ``B`` sequences of ``L`` rows each;
+- queries ``[B, Hq, L, D]`` reshaped (not transposed) to ``[B*L, Hq*D]``, ``B`` sequences of
+  ``L`` rows each, with the kernel's private ``heads_first=1``: it reads them, and writes the
+  output, in the ``[B, H, L, ·]`` memory order;
 - ``K``/``V`` ``[B, Hkv, S, D]`` as they are: a heads-first cache of one block of ``S``
   positions per sequence (block table ``[[0], [1], …]``, ``past_seqlens = S``), read in place;
 - the kernel's private ``cache_only=1``: caches heads first, attention over the cache only,
@@ -17,7 +19,7 @@ program (``passes.compile_score_mod``), the node becomes one PagedAttention run 
   (then ``is_causal=1``; ``kv >= q - W`` gives ``local_window_size=W``: the kernel skips the
   blocks they hide); where those are all the conjuncts the program computes only x, and none
   is needed for a plain mask (``compile_score_mod.kernel_program``);
-- the output ``[B*L, Hq*Dv]`` -> ``[B, Hq, L, Dv]``.
+- the output ``[B*L, Hq*Dv]`` reshaped to ``[B, Hq, L, Dv]``.
 
 Other nodes (a ``prob_mod``, a non-pointwise ``score_mod``, an op without bytecode, double
 precision, head counts or sizes unknown at session creation) are left for the expansion; an op
@@ -195,7 +197,9 @@ def emit_rewrite(node: onnx.NodeProto, plan: FlexPlan, prefix: str) -> tuple[lis
     length = w.op("Slice", q_shape, i64([2]), i64([3]))   # [1]
     past = w.op("Slice", k_shape, i64([2]), i64([3]))     # [1]
     batch_scalar = w.op("Squeeze", batch, i64([0]))
-    queries = w.op("Reshape", w.op("Transpose", q, perm=[0, 2, 1, 3]), i64([-1, heads * head_size]))
+    # heads_first: the kernel reads the queries, and writes the output, in FlexAttention's
+    # [B, H, L, D] memory order under the 2-D shapes PagedAttention takes: Reshapes, no copies.
+    queries = w.op("Reshape", q, i64([-1, heads * head_size]))
     no_key = w.const(np.zeros((0, kv_heads * head_size), dtype))
     no_value = w.const(np.zeros((0, kv_heads * v_head_size), dtype))
     zero, one = i64(0), i64(1)
@@ -204,7 +208,7 @@ def emit_rewrite(node: onnx.NodeProto, plan: FlexPlan, prefix: str) -> tuple[lis
     table = w.op("Cast", w.op("Unsqueeze", w.op("Range", zero, batch_scalar, one), i64([1])), to=TensorProto.INT32)
     paged_attrs = dict(num_heads=heads, kv_num_heads=kv_heads, is_causal=int(plan.is_causal),
                        local_window_size=plan.local_window_size,
-                       cache_only=1)
+                       cache_only=1, heads_first=1)
     if "scale" in attrs:
         paged_attrs["scale"] = attrs["scale"].f
     if plan.program is not None:
@@ -214,6 +218,6 @@ def emit_rewrite(node: onnx.NodeProto, plan: FlexPlan, prefix: str) -> tuple[lis
     flat = w.op("PagedAttention", queries, no_key, no_value, k, v, cu, past_seqlens, table,
                 outputs=[w.name("output"), w.name("key_cache_unused"), w.name("value_cache_unused")], domain=DOMAIN,
                 **paged_attrs)[0]
-    shape = w.op("Concat", batch, length, i64([heads, v_head_size]), axis=0)
-    w.op("Transpose", w.op("Reshape", flat, shape), perm=[0, 2, 1, 3], outputs=[node.output[0]])
+    shape = w.op("Concat", batch, i64([heads]), length, i64([v_head_size]), axis=0)
+    w.op("Reshape", flat, shape, outputs=[node.output[0]])
     return w.nodes, w.initializers

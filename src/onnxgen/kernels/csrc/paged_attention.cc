@@ -13,6 +13,9 @@
 // cache[0:past] only, with query positions counted from 0 (q_pos = row, as FlexAttention's
 // q_idx); the key/value inputs may have no rows, nothing is written and the cache outputs are
 // left unwritten (the rewritten graph does not read them).
+// Private attribute `heads_first` (with cache_only, set by flex_kernel too): the query and the
+// output keep their [num_tokens, heads * size] shapes, but their memory is FlexAttention's
+// [B, heads, L, size], so the rewrite needs only Reshapes (head_row).
 // Blocks longer than kMaxSegment positions are walked in pieces of kMaxSegment.
 #include <algorithm>
 #include <cmath>
@@ -31,7 +34,7 @@ constexpr int64_t kQueryTile = 16;
 constexpr int64_t kMaxSegment = 128;
 
 struct Attributes {
-  int64_t num_heads, kv_num_heads, is_causal, local_window_size, cache_only;
+  int64_t num_heads, kv_num_heads, is_causal, local_window_size, cache_only, heads_first;
   float scale, softcap;
   ScoreProgram score_mod;  // compiled by onnxgen.passes.compile_score_mod; empty when absent
 };
@@ -41,7 +44,7 @@ struct Problem {
   int64_t tokens, batch, heads, kv_heads, group, head_size, v_head_size, num_blocks, block_size, max_blocks;
   int64_t segment;  // positions per segment of the cache: min(block_size, kMaxSegment)
   int64_t span;     // positions of the longest segment (the new tokens' are up to kMaxSegment)
-  bool cache_only;
+  bool cache_only, heads_first;
   DType qkv_type, cache_type;
   Input query, key, value, key_cache, value_cache, cu, past, table, slots, sink;
 };
@@ -85,7 +88,8 @@ Problem check(Ort::KernelContext& ctx, const Attributes& a) {
   if (p.value_cache.type != p.key_cache.type) fail(kOp, "key_cache and value_cache must share one element type");
 
   p.heads = a.num_heads, p.kv_heads = a.kv_num_heads, p.group = a.num_heads / a.kv_num_heads;
-  p.cache_only = a.cache_only != 0;
+  p.cache_only = a.cache_only != 0, p.heads_first = a.heads_first != 0;
+  if (p.heads_first && !p.cache_only) fail(kOp, "heads_first needs cache_only");
   p.tokens = p.query.dim(0);
   if (p.query.dim(1) % p.heads) fail(kOp, "query width ", p.query.dim(1), " is not a multiple of num_heads=", p.heads);
   p.head_size = p.query.dim(1) / p.heads;
@@ -157,6 +161,15 @@ Problem check(Ort::KernelContext& ctx, const Attributes& a) {
     }
   }
   return p;
+}
+
+// Element offset of token t's row for `head` (`width` elements per head) in the query or the
+// output: token-major [tokens][heads][width]; with heads_first, each sequence's tokens heads
+// first, [B][heads][L_b][width] (FlexAttention's layout: no transposes around the kernel).
+int64_t head_row(const Problem& p, int64_t seq, int64_t t, int64_t head, int64_t width) {
+  if (!p.heads_first) return (t * p.heads + head) * width;
+  const int64_t begin = p.cu.as<int32_t>()[seq], length = p.cu.as<int32_t>()[seq + 1] - begin;
+  return (begin * p.heads + head * length + (t - begin)) * width;
 }
 
 // The segments of sequence b, in position order: its past blocks, then its new tokens.
@@ -270,8 +283,14 @@ class Attention {
     std::vector<float> q(size_t(rows * H * D));
     const size_t qbytes = dtype_size(p_.qkv_type);
     for (int64_t r = 0; r < rows; ++r) {
-      const char* src = static_cast<const char*>(p_.query.data) + size_t((first_token + item.row_begin + r) * H * D) * qbytes;
-      load_row(src, p_.qkv_type, &q[size_t(r * H * D)], H * D);
+      const int64_t token = first_token + item.row_begin + r;
+      if (!p_.heads_first) {
+        load_row(static_cast<const char*>(p_.query.data) + size_t(token * H * D) * qbytes, p_.qkv_type, &q[size_t(r * H * D)], H * D);
+        continue;
+      }
+      for (int64_t head = 0; head < H; ++head)
+        load_row(static_cast<const char*>(p_.query.data) + size_t(head_row(p_, item.seq, token, head, D)) * qbytes, p_.qkv_type,
+                 &q[size_t((r * H + head) * D)], D);
     }
     if (!(a_.softcap > 0.f)) scale_row(q.data(), scale_, rows * H * D);
     // bf16 caches with D and Dv multiples of 32: rows are read 32 at a time as even/odd halves,
@@ -505,6 +524,7 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
     a.is_causal = attribute_or<int64_t>(info, "is_causal", 1);
     a.local_window_size = attribute_or<int64_t>(info, "local_window_size", -1);
     a.cache_only = attribute_or<int64_t>(info, "cache_only", 0);
+    a.heads_first = attribute_or<int64_t>(info, "heads_first", 0);
     Ort::ConstKernelInfo ki(info);
     std::vector<int64_t> program;
     std::vector<float> constants;
@@ -589,8 +609,15 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
         }
         merge(p, partials, p.sink.present() ? &sink[size_t(h)] : nullptr, &row[size_t(h * p.v_head_size)]);
       }
-      store_row(row.data(), p.qkv_type, static_cast<char*>(out) + t * p.heads * p.v_head_size * dtype_size(p.qkv_type),
-                p.heads * p.v_head_size);
+      const size_t bytes = dtype_size(p.qkv_type);
+      if (!p.heads_first) {
+        store_row(row.data(), p.qkv_type, static_cast<char*>(out) + t * p.heads * p.v_head_size * bytes, p.heads * p.v_head_size);
+        return;
+      }
+      for (int64_t h = 0; h < p.heads; ++h)
+        store_row(&row[size_t(h * p.v_head_size)], p.qkv_type,
+                  static_cast<char*>(out) + size_t(head_row(p, seq_of_token[t], int64_t(t), h, p.v_head_size)) * bytes,
+                  p.v_head_size);
     });
 
     // 4. The caches: copy when not bound in place, then write the new rows at their slots.
