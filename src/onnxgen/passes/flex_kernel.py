@@ -19,7 +19,7 @@ program (``passes.compile_score_mod``), the node becomes one PagedAttention run 
   (then ``is_causal=1``; ``kv >= q - W`` gives ``local_window_size=W``: the kernel skips the
   blocks they hide); where those are all the conjuncts the program computes only x, and none
   is needed for a plain mask (``compile_score_mod.kernel_program``);
-- the output ``[B*L, Hq*Dv]`` reshaped to ``[B, Hq, L, Dv]``.
+- the output: the kernel's own, ``[B, Hq, L, Dv]`` (``heads_first``).
 
 Other nodes (a ``prob_mod``, a non-pointwise ``score_mod``, an op without bytecode, double
 precision, head counts or sizes unknown at session creation) are left for the expansion; an op
@@ -197,8 +197,8 @@ def emit_rewrite(node: onnx.NodeProto, plan: FlexPlan, prefix: str) -> tuple[lis
     length = w.op("Slice", q_shape, i64([2]), i64([3]))   # [1]
     past = w.op("Slice", k_shape, i64([2]), i64([3]))     # [1]
     batch_scalar = w.op("Squeeze", batch, i64([0]))
-    # heads_first: the kernel reads the queries, and writes the output, in FlexAttention's
-    # [B, H, L, D] memory order under the 2-D shapes PagedAttention takes: Reshapes, no copies.
+    # heads_first: the kernel reads the queries in FlexAttention's [B, H, L, D] memory order
+    # under the 2-D shape PagedAttention takes, and writes the [B, H, L, Dv] output: no copies.
     queries = w.op("Reshape", q, i64([-1, heads * head_size]))
     no_key = w.const(np.zeros((0, kv_heads * head_size), dtype))
     no_value = w.const(np.zeros((0, kv_heads * v_head_size), dtype))
@@ -215,9 +215,7 @@ def emit_rewrite(node: onnx.NodeProto, plan: FlexPlan, prefix: str) -> tuple[lis
         paged_attrs[PROGRAM_ATTR] = plan.program.program.tolist()
         if plan.program.constants.size:
             paged_attrs[CONSTANTS_ATTR] = plan.program.constants.tolist()
-    flat = w.op("PagedAttention", queries, no_key, no_value, k, v, cu, past_seqlens, table,
-                outputs=[w.name("output"), w.name("key_cache_unused"), w.name("value_cache_unused")], domain=DOMAIN,
-                **paged_attrs)[0]
-    shape = w.op("Concat", batch, i64([heads]), length, i64([v_head_size]), axis=0)
-    w.op("Reshape", flat, shape, outputs=[node.output[0]])
+    w.op("PagedAttention", queries, no_key, no_value, k, v, cu, past_seqlens, table,
+         outputs=[node.output[0], w.name("key_cache_unused"), w.name("value_cache_unused")], domain=DOMAIN,
+         **paged_attrs)
     return w.nodes, w.initializers

@@ -54,6 +54,23 @@ OrtStatusPtr infer_outputs(OrtShapeInferContext* ctx, const OutputSpec* specs, s
   return nullptr;
 }
 
+int64_t int_attribute(OrtShapeInferContext* ctx, const char* name, int64_t fallback) {
+  const OrtApi& api = Ort::GetApi();
+  const OrtOpAttr* attr = nullptr;
+  if (OrtStatus* s = api.ShapeInferContext_GetAttribute(ctx, name, &attr)) {
+    api.ReleaseStatus(s);
+    return fallback;
+  }
+  int64_t value = fallback;
+  size_t size = 0;
+  if (!attr) return fallback;
+  if (OrtStatus* s = api.ReadOpAttr(attr, ORT_OP_ATTR_INT, &value, sizeof(value), &size)) {
+    api.ReleaseStatus(s);
+    return fallback;
+  }
+  return value;
+}
+
 }  // namespace onnxgen
 
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL

@@ -22,6 +22,9 @@ struct OutputSpec {
 
 OrtStatusPtr infer_outputs(OrtShapeInferContext* ctx, const OutputSpec* specs, size_t count);
 
+// An int attribute of the node being inferred, or `fallback` when it is absent.
+int64_t int_attribute(OrtShapeInferContext* ctx, const char* name, int64_t fallback);
+
 // The boilerplate every op shares: CPU provider, kernels created and run through OrtStatus,
 // output types inferred from `Op::kOutputs`.
 //   Kernel(const OrtKernelInfo*) and void Compute(Ort::KernelContext&) are all an op writes.

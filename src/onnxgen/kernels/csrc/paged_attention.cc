@@ -13,9 +13,10 @@
 // cache[0:past] only, with query positions counted from 0 (q_pos = row, as FlexAttention's
 // q_idx); the key/value inputs may have no rows, nothing is written and the cache outputs are
 // left unwritten (the rewritten graph does not read them).
-// Private attribute `heads_first` (with cache_only, set by flex_kernel too): the query and the
-// output keep their [num_tokens, heads * size] shapes, but their memory is FlexAttention's
-// [B, heads, L, size], so the rewrite needs only Reshapes (head_row).
+// Private attribute `heads_first` (with cache_only, set by flex_kernel too): the query keeps its
+// [num_tokens, heads * head_size] shape but its memory is FlexAttention's [B, heads, L,
+// head_size] (the rewrite reshapes, never transposes), and the output is [B, heads, L,
+// v_head_size], every sequence L rows long (head_row gives both layouts' offsets).
 // Blocks longer than kMaxSegment positions are walked in pieces of kMaxSegment.
 #include <algorithm>
 #include <cmath>
@@ -125,6 +126,10 @@ Problem check(Ort::KernelContext& ctx, const Attributes& a) {
   if (!increasing)
     fail(kOp, "cumulative_sequence_length must increase strictly from 0 to num_tokens=", p.tokens,
          " (every sequence has at least one new token)");
+  for (int64_t b = 0; p.heads_first && b < p.batch; ++b)  // the output is [B, heads, L, v_head_size]
+    if (cu[b + 1] - cu[b] != p.tokens / p.batch)
+      fail(kOp, "heads_first needs every sequence to have the same number of rows (sequence ", b, " has ",
+           cu[b + 1] - cu[b], ", not ", p.tokens / p.batch, ")");
   if (p.slots.present()) {
     expect_type(kOp, "slot_mapping", p.slots, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32, "int32");
     if (p.slots.shape != std::vector<int64_t>{p.tokens})
@@ -541,7 +546,8 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
 
   void Compute(Ort::KernelContext& ctx) {
     const Problem p = check(ctx, a);
-    auto output = ctx.GetOutput(0, {p.tokens, p.heads * p.v_head_size});
+    auto output = p.heads_first ? ctx.GetOutput(0, {p.batch, p.heads, p.tokens / p.batch, p.v_head_size})
+                                : ctx.GetOutput(0, {p.tokens, p.heads * p.v_head_size});
     auto key_out = ctx.GetOutput(1, p.key_cache.shape);
     auto value_out = ctx.GetOutput(2, p.value_cache.shape);
 
@@ -660,6 +666,13 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
 struct PagedAttentionOp : OpBase<PagedAttentionOp, PagedAttentionKernel> {
   static constexpr uint32_t kOptionalInputs = 0b1100000000, kOptionalOutputs = 0;
   static constexpr OutputSpec kOutputs[] = {{0, -1, 2}, {3, 3, 4}, {4, 4, 4}};
+  // heads_first: the output is FlexAttention's [B, heads, L, v_head_size] itself.
+  static constexpr OutputSpec kHeadsFirstOutputs[] = {{0, -1, 4}, {3, 3, 4}, {4, 4, 4}};
+  PagedAttentionOp() {
+    this->InferOutputShapeFn = [](const OrtCustomOp*, OrtShapeInferContext* ctx) -> OrtStatusPtr {
+      return infer_outputs(ctx, int_attribute(ctx, "heads_first", 0) ? kHeadsFirstOutputs : kOutputs, 3);
+    };
+  }
   const char* GetName() const { return "PagedAttention"; }
   size_t GetInputTypeCount() const { return 10; }
   size_t GetOutputTypeCount() const { return 3; }
