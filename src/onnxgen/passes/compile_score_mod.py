@@ -294,22 +294,32 @@ def _computing(graph: onnx.GraphProto, name: str) -> onnx.GraphProto:
 
 
 def kernel_program(graph: onnx.GraphProto, where: str = "PagedAttention", opset: int = 25) -> CompiledScore | None:
-    """The bytecode the kernel runs for a score graph (the whole graph is checked and compiled
-    first: same errors as ``compile_graph``).  Where the final mask is made of causal and window
-    bounds only, the kernel applies them itself (``with_program`` / ``flex_kernel`` set
-    is_causal and local_window_size, and the kernel skips the blocks they hide) and the program
-    computes only what the mask keeps: None where that is the score itself (a plain mask)."""
-    whole = compile_graph(graph, where, opset)
-    kept = implied_masks(graph).kept
-    if kept is None:
-        return whole
-    return None if plain_mask(graph) else compile_graph(_computing(graph, kept), where, opset)
+    """The bytecode the kernel runs for a score graph (the whole graph is checked: same errors as
+    ``compile_graph``).  Where the final mask is made of causal and window bounds only, the
+    kernel applies them itself (``with_program`` / ``flex_kernel`` set is_causal and
+    local_window_size, and the kernel skips the blocks they hide) and the program computes only
+    what the mask keeps: None where that is the score itself (a plain mask)."""
+    rest = _unmasked(graph)
+    if rest is None:
+        return compile_graph(graph, where, opset)
+    check(graph, where, opset)  # the masks keep the score_mod contract too
+    return None if _is_the_score(rest) else compile_graph(rest, where, opset)
 
 
 def plain_mask(graph: onnx.GraphProto) -> bool:
     """Whether ``graph`` is only causal and window bounds on the score as it came (no program)."""
+    rest = _unmasked(graph)
+    return rest is not None and _is_the_score(rest)
+
+
+def _unmasked(graph: onnx.GraphProto) -> onnx.GraphProto | None:
+    """``graph`` without its final causal/window mask layers, or None where it has none to drop."""
     kept = implied_masks(graph).kept
-    return kept is not None and all(n.op_type == "Identity" for n in _computing(graph, kept).node)
+    return None if kept is None else _computing(graph, kept)
+
+
+def _is_the_score(graph: onnx.GraphProto) -> bool:
+    return all(n.op_type == "Identity" for n in graph.node)
 
 
 def with_program(node: onnx.NodeProto, compiled: CompiledScore | None) -> None:
