@@ -207,6 +207,16 @@ def score_mod(heads: int):
     return sm.compose(sm.softcap(SOFTCAP), sm.alibi(heads), sm.sliding_window(SCORE_MOD_WINDOW))
 
 
+def save_fresh(model, folder: Path) -> Path:
+    """``model`` saved as ``folder/model.onnx`` (weights beside it) in an emptied ``folder``."""
+    import onnx
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    onnx.save(model, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data")
+    return folder / "model.onnx"
+
+
 def write_kernel_models(root: Path, layers: int, hidden: int, inter: int, vocab: int) -> dict[str, Path]:
     """The two onnxgen-kernels models, annotated (one scope per attention node) and compiled."""
     import onnx
@@ -224,19 +234,11 @@ def write_kernel_models(root: Path, layers: int, hidden: int, inter: int, vocab:
     for node in model.graph.node:
         if node.op_type == "PagedAttention":
             node.attribute.append(helper.make_attribute("score_mod", score_mod(heads)))
-    folder = root / "kernels-paged"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    onnx.save(model, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data")
-    paths["paged"] = folder / "model.onnx"
+    paths["paged"] = save_fresh(model, root / "kernels-paged")
     print(f"paged model: Llama-style, {params / 1e6:.0f}M parameters, {layers} layers, hidden {hidden}, "
           f"{heads} heads, a score_mod (softcap + ALiBi + window) on every PagedAttention")
     model = flex_stack_model(score_mod(heads), layers=layers, hidden=hidden, heads=heads, kv_heads=heads)
-    folder = root / "kernels-flex"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    onnx.save(model, folder / "model.onnx", save_as_external_data=True, location="model.onnx.data")
-    paths["flex"] = folder / "model.onnx"
+    paths["flex"] = save_fresh(model, root / "kernels-flex")
     print(f"flex model: {layers} FlexAttention layers, hidden {hidden}, {heads} heads, "
           f"{4 * layers * hidden * hidden / 1e6:.0f}M parameters, the same score_mod")
     for kind, path in list(paths.items()):
