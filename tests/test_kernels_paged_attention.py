@@ -102,6 +102,30 @@ def test_low_precision(rng, dtype):
         check_runners(inputs, attrs, [PLAIN, IN_PLACE], low_precision=True)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, "bfloat16-cache"])
+@pytest.mark.parametrize("window", [-1, 13])
+def test_prefill_tiles_read_packed_segments(rng, dtype, window):
+    """Sequences whose keys 512 or more query vectors read (rows x group): their segments are
+    merged into runs of up to 128 positions across cache blocks of 5 and the new tokens, packed
+    once per call (keys transposed in chunks of 32 or 16, values in strips of 32 columns, here
+    with a partial last strip of 8), and every tile reads the pack; the other sequences in the
+    batch read the cache."""
+    low = dtype == np.float16
+    while True:
+        inputs, attrs = random_batch(rng, batch=4, block_size=5, group=4, mode="mixed", v_head_size=40, max_len=200,
+                                     dtype=np.float16 if low else np.float32)
+        new = np.diff(inputs["cumulative_sequence_length"])
+        if new.max() * 4 >= 512 and new.min() * 4 < 512:
+            break
+    attrs["local_window_size"] = window
+    if dtype == "bfloat16-cache":
+        for name in CACHES:
+            inputs[name] = inputs[name].astype(ml_dtypes.bfloat16)
+        check_runners(inputs, attrs, [IN_PLACE])
+    else:
+        check_runners(inputs, attrs, [PLAIN, IN_PLACE], low_precision=low)
+
+
 @pytest.mark.parametrize("case", ["long decode", "long prefill", "long chunked prefill"])
 def test_long_sequences_split_across_threads(rng, case):
     """Sequences long enough to be cut into several KV chunks and query tiles, merged again."""
