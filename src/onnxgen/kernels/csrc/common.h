@@ -817,13 +817,14 @@ inline AxpyFn axpy_for(DType t) {
 // n floats (uninitialised) that the calling thread keeps between calls, one buffer per `slot`:
 // a fresh allocation of megabytes is mapped anew by the C library each call and faults in page
 // by page, measured at 0.75 ms of a 2 ms prefill (B 4 x 200 tokens).  Valid until the thread
-// asks for the same slot again; a buffer only grows.
+// asks for the same slot again; a buffer only grows.  Slots: 0 PagedAttention's states, 1 its
+// packs, 2 one pack's gathered keys (on the pool threads that write packs).
 inline float* workspace(size_t slot, size_t n) {
   struct Buffer {
     std::unique_ptr<float[]> data;
     size_t size = 0;
   };
-  thread_local Buffer buffers[2];
+  thread_local Buffer buffers[3];
   Buffer& b = buffers[slot];
   if (b.size < n) b.data.reset(new float[n]), b.size = n;
   return b.data.get();

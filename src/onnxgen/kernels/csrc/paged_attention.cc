@@ -83,15 +83,14 @@ struct Pack {
 
   // KV head h of `parts` (consecutive segments, `count` positions in all) into `out`.
   void write(const std::vector<Segment>& parts, int64_t h, float* out) const {
-    thread_local std::vector<float> rows;  // the keys gathered in fp32, [count][head_size]
-    rows.resize(size_t(count * head_size));
+    float* rows = workspace(2, size_t(count * head_size));  // the keys gathered in fp32, [count][head_size]
     float* values = out + keys();
     int64_t t = 0;
     for (const Segment& part : parts) {
       const size_t width = dtype_size(part.type);
       for (int64_t i = 0; i < part.count; ++i, ++t) {
         load_row(static_cast<const char*>(part.key) + size_t(i * part.k_token + h * part.k_head) * width, part.type,
-                 &rows[size_t(t * head_size)], head_size);
+                 rows + t * head_size, head_size);
         for (int64_t j = 0; j * 32 < v_head_size; ++j)
           load_row(static_cast<const char*>(part.value) + size_t(i * part.v_token + h * part.v_head + 32 * j) * width,
                    part.type, values + j * strip_stride() + t * 32, std::min<int64_t>(32, v_head_size - 32 * j));
@@ -100,7 +99,7 @@ struct Pack {
     for (int64_t c = 0; c < count; c += 32) {
       const int64_t w = chunk_width(count, c);
       for (int64_t half = 0; half < w / 16; ++half)  // an absent half is zeros
-        transpose_rows16<DType::f32>(&rows[size_t(std::min(c + 16 * half, count - 1) * head_size)], head_size,
+        transpose_rows16<DType::f32>(rows + std::min(c + 16 * half, count - 1) * head_size, head_size,
                                      std::clamp<int64_t>(count - c - 16 * half, 0, 16), head_size,
                                      out + c * head_size + 16 * half, w);
     }
@@ -628,8 +627,8 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
     // query tile, chunk of segments).
     std::vector<std::vector<Segment>> segments(size_t(p.batch));
     for (int64_t b = 0; b < p.batch; ++b) segments[size_t(b)] = segments_of(p, b);
-    std::vector<PackJob> packs = plan_packs(p, segments);
-    for (const PackJob& job : packs) p.span = std::max(p.span, segments[job.seq][job.index].count);  // merged runs
+    const PackPlan packs = plan_packs(p, segments);
+    for (const PackJob& job : packs.jobs) p.span = std::max(p.span, segments[job.seq][job.index].count);  // merged runs
     std::vector<WorkItem> items;
     int64_t total_segments = 0;
     for (int64_t b = 0; b < p.batch; ++b) {
@@ -714,6 +713,10 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
     std::vector<Segment> parts;
     int64_t offset;
   };
+  struct PackPlan {
+    std::vector<PackJob> jobs;
+    int64_t size = 0;  // floats, all packs
+  };
 
   // Merges the segments of every sequence whose keys at least kMinReaders query vectors read
   // (rows x group) into runs of up to kMaxSegment positions, each to be packed, while the packs
@@ -721,11 +724,11 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
   // costs more than it saves: B 4 x 200 new tokens, 8/4 heads of 64 (400 readers), was 1.06-1.1x
   // slower packed; 1024 tokens, 32/8 heads of 128, 1.1x faster, and 256 over a past of 1024 in
   // blocks of 16 1.33x faster.
-  static std::vector<PackJob> plan_packs(const Problem& p, std::vector<std::vector<Segment>>& segments) {
+  static PackPlan plan_packs(const Problem& p, std::vector<std::vector<Segment>>& segments) {
     constexpr int64_t kMaxPackBytes = int64_t(256) << 20, kMinReaders = 512;
-    std::vector<PackJob> jobs;
-    if (!has_avx512()) return jobs;
-    int64_t size = 0;  // floats
+    PackPlan plan;
+    if (!has_avx512()) return plan;
+    int64_t& size = plan.size;
     for (int64_t b = 0; b < p.batch; ++b) {
       const int64_t rows = p.cu.as<int32_t>()[b + 1] - p.cu.as<int32_t>()[b];
       if (rows <= kQueryTile || rows * p.group < kMinReaders) continue;
@@ -746,18 +749,17 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
       if ((size + mine_size) * 4 > kMaxPackBytes) break;
       size += mine_size;
       segments[size_t(b)] = std::move(runs);
-      for (PackJob& job : mine) jobs.push_back(std::move(job));
+      for (PackJob& job : mine) plan.jobs.push_back(std::move(job));
     }
-    return jobs;
+    return plan;
   }
 
   // Writes the planned packs (one task per segment and KV head) and points the segments at them.
-  static void write_packs(Ort::KernelContext& ctx, const Problem& p, const std::vector<PackJob>& jobs,
+  static void write_packs(Ort::KernelContext& ctx, const Problem& p, const PackPlan& plan,
                           std::vector<std::vector<Segment>>& segments) {
+    const std::vector<PackJob>& jobs = plan.jobs;
     if (jobs.empty()) return;
-    const PackJob& last = jobs.back();
-    const int64_t size = last.offset + p.kv_heads * Pack{p.head_size, p.v_head_size, segments[last.seq][last.index].count}.per_head();
-    float* packs = workspace(1, size_t(size));
+    float* packs = workspace(1, size_t(plan.size));
     parallel_for(ctx, jobs.size() * size_t(p.kv_heads), [&](size_t i) {
       const PackJob& job = jobs[i / size_t(p.kv_heads)];
       const int64_t h = int64_t(i % size_t(p.kv_heads));
