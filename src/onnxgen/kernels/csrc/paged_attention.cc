@@ -322,44 +322,58 @@ class Attention {
     scale_ = a.scale != 0.f ? a.scale : 1.f / std::sqrt(float(p.head_size));
   }
 
-  // One work item: query rows [row_begin, row_end) of sequence `seq` over some of its segments.
-  void run(const WorkItem& item, const std::vector<Segment>& segments, float* state_buffer) const {
+  // One work item: query rows [row_begin, row_end) of sequence `seq` over some of its segments,
+  // for KV heads [kv_begin, kv_end) (their query heads' states only: the tasks of one item with
+  // other KV heads may run at the same time).
+  void run(const WorkItem& item, const std::vector<Segment>& segments, float* state_buffer, int64_t kv_begin,
+           int64_t kv_end) const {
     const FlushDenormals flush;
     const int64_t rows = item.row_end - item.row_begin, H = p_.heads, D = p_.head_size, Dv = p_.v_head_size;
-    const int64_t G = p_.group, Hkv = p_.kv_heads;
+    const int64_t G = p_.group, Hkv = kv_end - kv_begin;
+    const int64_t head_begin = kv_begin * G, head_end = kv_end * G, Hl = head_end - head_begin;
     const int64_t past = p_.cache_only ? 0 : p_.past.as<int32_t>()[item.seq];  // position of the first query
     const int64_t first_token = p_.cu.as<int32_t>()[item.seq];
-    // Queries in fp32, pre-scaled: q[row][head][D].
-    std::vector<float> q(size_t(rows * H * D));
+    // The queries, scores and states of (row r, query head `head`): q and scores hold this task's
+    // heads only, at local(r, head); the states are the item's, at state_of(r, head).
+    auto local = [&](int64_t r, int64_t head) { return r * Hl + head - head_begin; };
+    auto state_of = [&](int64_t r, int64_t head) { return r * H + head; };
+    // Queries in fp32, pre-scaled: q[row][head of this task][D].
+    std::vector<float> q(size_t(rows * Hl * D));
     const size_t qbytes = dtype_size(p_.qkv_type);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t token = first_token + item.row_begin + r;
       if (!p_.heads_first) {
-        load_row(static_cast<const char*>(p_.query.data) + size_t(token * H * D) * qbytes, p_.qkv_type, &q[size_t(r * H * D)], H * D);
+        load_row(static_cast<const char*>(p_.query.data) + size_t((token * H + head_begin) * D) * qbytes, p_.qkv_type,
+                 &q[size_t(r * Hl * D)], Hl * D);
         continue;
       }
-      for (int64_t head = 0; head < H; ++head)
+      for (int64_t head = head_begin; head < head_end; ++head)
         load_row(static_cast<const char*>(p_.query.data) + size_t(head_row(p_, item.seq, token, head, D)) * qbytes, p_.qkv_type,
-                 &q[size_t((r * H + head) * D)], D);
+                 &q[size_t(local(r, head) * D)], D);
     }
-    if (!(a_.softcap > 0.f)) scale_row(q.data(), scale_, rows * H * D);
+    if (!(a_.softcap > 0.f)) scale_row(q.data(), scale_, rows * Hl * D);
     // bf16 caches with D and Dv multiples of 32: rows are read 32 at a time as even/odd halves,
     // and the queries are kept in that order too (see split_bf16).
     const bool split = has_avx512() && p_.cache_type == DType::bf16 && D % 32 == 0 && p_.v_head_size % 32 == 0;
     std::vector<float> q_split(split ? q.size() : 0);
-    for (int64_t v = 0; split && v < rows * H; ++v) split_even_odd(&q[size_t(v * D)], &q_split[size_t(v * D)], D);
+    for (int64_t v = 0; split && v < rows * Hl; ++v) split_even_odd(&q[size_t(v * D)], &q_split[size_t(v * D)], D);
     State state{state_buffer, Dv};
     // score_mod runs once per (query row, head, segment) over the visible keys.
     const int64_t bs = p_.span;
     ScoreProgram::Scratch scratch = a_.score_mod.empty() ? ScoreProgram::Scratch{} : a_.score_mod.scratch(bs);
-    for (int64_t i = 0; i < rows * H; ++i) state.max(i) = kNegInf, state.sum(i) = 0.f, std::fill_n(state.acc(i), Dv, 0.f);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t head = head_begin; head < head_end; ++head) {
+        const int64_t i = state_of(r, head);
+        state.max(i) = kNegInf, state.sum(i) = 0.f, std::fill_n(state.acc(i), Dv, 0.f);
+      }
 
-    std::vector<float> scores(size_t(rows * H * bs));  // [row][head][token]
-    // With many queries per KV head (prefill tiles), the AVX-512 tiled path; per KV head h its
-    // query vectors are v = (row, g), state index head_of[h * rows * G + v].
+    std::vector<float> scores(size_t(rows * Hl * bs));  // [row][head][token]
+    // With many queries per KV head (prefill tiles), the AVX-512 tiled path; per KV head h (local,
+    // from 0) its query vectors are v = (row, g): queries[h * rows * G + v], their scores at
+    // score_of[...] * bs, their states at state_index[...].
     const bool tiled = has_avx512() && rows * G >= 16;
-    std::vector<int64_t> head_of(size_t(Hkv * rows * G));
-    std::vector<const float*> queries(head_of.size()), prob_rows(size_t(rows * G));
+    std::vector<int64_t> state_index(size_t(Hkv * rows * G)), score_of(state_index.size());
+    std::vector<const float*> queries(state_index.size()), prob_rows(size_t(rows * G));
     std::vector<float*> score_rows(size_t(rows * G)), acc_rows(size_t(rows * G));
     std::vector<float> kt;  // one head's keys of a segment, 32 at a time, transposed: [D][32]
     if (has_avx512()) {
@@ -367,9 +381,10 @@ class Attention {
       for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t g = 0; g < G; ++g) {
-            const int64_t v = h * rows * G + r * G + g, i = r * H + h * G + g;
-            head_of[size_t(v)] = i;
-            queries[size_t(v)] = &q[size_t(i * D)];
+            const int64_t v = h * rows * G + r * G + g, head = head_begin + h * G + g;
+            state_index[size_t(v)] = state_of(r, head);
+            score_of[size_t(v)] = local(r, head);
+            queries[size_t(v)] = &q[size_t(local(r, head) * D)];
           }
     }
     // Blocks lie anywhere in the cache, so the hardware prefetcher restarts at each one: the
@@ -383,12 +398,13 @@ class Attention {
       // prefill tiles and the value sums start there (softmax_step zeroes what lies before).
       const int64_t first_key =
           a_.local_window_size >= 0 ? std::clamp<int64_t>(past + item.row_begin - a_.local_window_size - seg.first_position, 0, n) : 0;
-      if (s + 1 < item.segment_end && !segments[size_t(s) + 1].packed) next_rows.reset(segments[size_t(s) + 1], Hkv, D, Dv);
+      if (Hkv == p_.kv_heads && s + 1 < item.segment_end && !segments[size_t(s) + 1].packed)
+        next_rows.reset(segments[size_t(s) + 1], Hkv, D, Dv);
       else next_rows.clear();
       const size_t width = dtype_size(seg.type);
-      // Score mod and softmax step of query heads [head_begin, head_end) of every row; false if
+      // Score mod and softmax step of query heads [heads_from, heads_to) of every row; false if
       // none of them sees a key of this segment.
-      auto normalise = [&](int64_t head_begin, int64_t head_end) {
+      auto normalise = [&](int64_t heads_from, int64_t heads_to) {
         bool any = false;
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t q_pos = past + item.row_begin + r;
@@ -398,38 +414,38 @@ class Attention {
           const int64_t vis_lo = std::max<int64_t>(lo - seg.first_position, 0), vis_hi = std::min(hi - seg.first_position, n);
           const bool modded = !a_.score_mod.empty() && vis_lo < vis_hi;
           if (modded)  // soft cap, then the score_mod program, over each head's visible scores
-            for (int64_t head = head_begin; head < head_end; ++head) {
-              float* visible = &scores[size_t((r * H + head) * bs + vis_lo)];
+            for (int64_t head = heads_from; head < heads_to; ++head) {
+              float* visible = &scores[size_t(local(r, head) * bs + vis_lo)];
               if (a_.softcap > 0.f)
                 soft_cap(visible, vis_hi - vis_lo);
               a_.score_mod.run(visible, vis_hi - vis_lo, item.seq, head, q_pos, seg.first_position + vis_lo, scratch);
             }
-          for (int64_t head = head_begin; head < head_end; ++head)
-            any |= softmax_step(&scores[size_t((r * H + head) * bs)], n, lo - seg.first_position,
-                                hi - seg.first_position, state, r * H + head, modded);
+          for (int64_t head = heads_from; head < heads_to; ++head)
+            any |= softmax_step(&scores[size_t(local(r, head) * bs)], n, lo - seg.first_position,
+                                hi - seg.first_position, state, state_of(r, head), modded);
         }
         return any;
       };
       // The rows, pointers and state indices of KV head h's queries for weighted_rows/strips.
       auto weights_of = [&](int64_t h) {
         for (int64_t v = 0; v < rows * G; ++v) {
-          const int64_t i = head_of[size_t(h * rows * G + v)];
-          prob_rows[size_t(v)] = &scores[size_t(i * bs + first_key)];
-          acc_rows[size_t(v)] = state.acc(i);
+          const size_t w = size_t(h * rows * G + v);
+          prob_rows[size_t(v)] = &scores[size_t(score_of[w] * bs + first_key)];
+          acc_rows[size_t(v)] = state.acc(state_index[w]);
         }
       };
       if (seg.packed) {  // one KV head at a time: its scores, softmax and values
         const Pack pack{D, Dv, seg.count};
         for (int64_t h = 0; h < Hkv; ++h) {
-          const float* keys = seg.packed + h * pack.per_head();
+          const float* keys = seg.packed + (kv_begin + h) * pack.per_head();
           // Chunks of 32 from 0 (the scores before first_key are masked).
           for (int64_t c = first_key / 32 * 32; c < n; c += 32) {
-            for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(head_of[size_t(h * rows * G + v)] * bs + c)];
+            for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(score_of[size_t(h * rows * G + v)] * bs + c)];
             const int64_t m = std::min<int64_t>(32, n - c);
             if (Pack::chunk_width(seg.count, c) == 32) scores_tile<2>(&queries[size_t(h * rows * G)], rows * G, keys + c * D, D, score_rows.data(), m);
             else scores_tile<1>(&queries[size_t(h * rows * G)], rows * G, keys + c * D, D, score_rows.data(), m);
           }
-          if (!normalise(h * G, (h + 1) * G)) continue;
+          if (!normalise(head_begin + h * G, head_begin + (h + 1) * G)) continue;
           weights_of(h);
           weighted_strips(prob_rows.data(), rows * G, keys + pack.keys() + first_key * 32, pack.strip_stride(), n - first_key,
                           Dv, acc_rows.data());
@@ -441,11 +457,11 @@ class Attention {
         for (int64_t h = 0; h < Hkv; ++h) {
           for (int64_t c = first_key; c < n; c += 32) {  // 32 keys at a time, or the last 16 or fewer
             const int64_t m = std::min<int64_t>(32, n - c), columns = m > 16 ? 2 : 1;
-            const char* keys = static_cast<const char*>(seg.key) + size_t(c * seg.k_token + h * seg.k_head) * width;
+            const char* keys = static_cast<const char*>(seg.key) + size_t(c * seg.k_token + (kv_begin + h) * seg.k_head) * width;
             for (int64_t half = 0; half < columns; ++half)
               transpose(keys + size_t(16 * half * seg.k_token) * width, seg.k_token, std::min<int64_t>(16, m - 16 * half), D,
                         kt.data() + 16 * half, 16 * columns);
-            for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(head_of[size_t(h * rows * G + v)] * bs + c)];
+            for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(score_of[size_t(h * rows * G + v)] * bs + c)];
             if (columns == 2) scores_tile<2>(&queries[size_t(h * rows * G)], rows * G, kt.data(), D, score_rows.data(), m);
             else scores_tile<1>(&queries[size_t(h * rows * G)], rows * G, kt.data(), D, score_rows.data(), m);
             next_rows.step(size_t(m * D) * width);
@@ -463,10 +479,10 @@ class Attention {
           const float* qs = halves ? q_split.data() : q.data();
           for (; t + keys <= n; t += keys)
             for (int64_t h = 0; h < Hkv; ++h) {
-              const void* krows = static_cast<const char*>(seg.key) + size_t(t * seg.k_token + h * seg.k_head) * width;
+              const void* krows = static_cast<const char*>(seg.key) + size_t(t * seg.k_token + (kv_begin + h) * seg.k_head) * width;
               for (int64_t r = 0; r < rows; ++r)
                 for (int64_t g = 0; g < G; g += Q) {
-                  const int64_t i = r * H + h * G + g;
+                  const int64_t i = local(r, head_begin + h * G + g);
                   block(&qs[size_t(i * D)], krows, seg.k_token, D, &scores[size_t(i * bs + t)], bs);
                 }
               next_rows.step(size_t(keys * D) * width);
@@ -475,20 +491,22 @@ class Attention {
         // Scores, in the segment's memory order: token, KV head, then the queries that read it.
         for (; t < n; ++t)
           for (int64_t h = 0; h < Hkv; ++h) {
-            const void* krow = static_cast<const char*>(seg.key) + size_t(t * seg.k_token + h * seg.k_head) * width;
-            for (int64_t r = 0; r < rows; ++r)  // the G query heads of KV head h read this row
-              dots(&q[size_t((r * H + h * G) * D)], G, krow, D, &scores[size_t((r * H + h * G) * bs + t)], bs);
+            const void* krow = static_cast<const char*>(seg.key) + size_t(t * seg.k_token + (kv_begin + h) * seg.k_head) * width;
+            for (int64_t r = 0; r < rows; ++r) {  // the G query heads of KV head h read this row
+              const int64_t i = local(r, head_begin + h * G);
+              dots(&q[size_t(i * D)], G, krow, D, &scores[size_t(i * bs + t)], bs);
+            }
             next_rows.step(size_t(D) * width);
           }
       }
-      if (!normalise(0, H)) continue;
+      if (!normalise(head_begin, head_end)) continue;
       if (has_avx512()) {  // values accumulate in registers, two queries at a time
         const WeightedRowsFn weigh =
             split && seg.type == DType::bf16 ? weighted_rows_bf16_split : weighted_rows_for(seg.type);
         for (int64_t h = 0; h < Hkv; ++h) {
           weights_of(h);
           weigh(prob_rows.data(), rows * G,
-                static_cast<const char*>(seg.value) + size_t(first_key * seg.v_token + h * seg.v_head) * width, seg.v_token,
+                static_cast<const char*>(seg.value) + size_t(first_key * seg.v_token + (kv_begin + h) * seg.v_head) * width, seg.v_token,
                 n - first_key, Dv, acc_rows.data());
           next_rows.step(size_t(n * Dv) * width);
         }
@@ -497,12 +515,12 @@ class Attention {
       const AxpyFn axpy_row = axpy_for(seg.type);
       for (int64_t t = 0; t < n; ++t)
         for (int64_t h = 0; h < Hkv; ++h) {
-          const void* vrow = static_cast<const char*>(seg.value) + size_t(t * seg.v_token + h * seg.v_head) * width;
+          const void* vrow = static_cast<const char*>(seg.value) + size_t(t * seg.v_token + (kv_begin + h) * seg.v_head) * width;
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t g = 0; g < G; ++g) {
-              const int64_t i = r * H + h * G + g;
-              const float w = scores[size_t(i * bs + t)];
-              if (w != 0.f) axpy_row(state.acc(i), w, vrow, Dv);
+              const int64_t head = head_begin + h * G + g;
+              const float w = scores[size_t(local(r, head) * bs + t)];
+              if (w != 0.f) axpy_row(state.acc(state_of(r, head)), w, vrow, Dv);
             }
           next_rows.step(size_t(Dv) * width);
         }
@@ -664,8 +682,10 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
 
     // 2. Attention over the input caches.
     Attention attention(p, a);
-    parallel_for(ctx, items.size(), [&](size_t i) {
-      attention.run(items[i], segments[size_t(items[i].seq)], &states[size_t(items[i].state_offset)]);
+    const std::vector<Task> tasks = plan_tasks(p, items, segments);
+    parallel_for(ctx, tasks.size(), [&](size_t i) {
+      const WorkItem& item = items[tasks[i].item];
+      attention.run(item, segments[size_t(item.seq)], &states[size_t(item.state_offset)], tasks[i].kv_begin, tasks[i].kv_end);
     });
 
     // 3. Merge the chunks of each query row, add the sink, write the output.
@@ -705,6 +725,40 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
     // 4. The caches: copy when not bound in place, then write the new rows at their slots.
     if (p.cache_only) return;
     write_caches(ctx, p, key_out.GetTensorMutableRawData(), value_out.GetTensorMutableRawData(), seq_of_token);
+  }
+
+  // One call of Attention::run: a work item's KV heads [kv_begin, kv_end).
+  struct Task {
+    size_t item;
+    int64_t kv_begin, kv_end;
+  };
+
+  // Items over packed segments run one task per KV head, in order of the head, so that both
+  // threads read one head's packs at a time: 1 MiB for 1024 tokens of 128-wide keys and values,
+  // which stays in L2 from one query tile to the next, where all heads' (8 MiB) came from L3 for
+  // every tile (the score and value products ran at 0.8x their rate on cached data).  The
+  // heaviest first within a head, so the last tasks are short.  Other items: one task, all heads.
+  static std::vector<Task> plan_tasks(const Problem& p, const std::vector<WorkItem>& items,
+                                      const std::vector<std::vector<Segment>>& segments) {
+    std::vector<Task> tasks;
+    std::vector<size_t> packed;
+    for (size_t i = 0; i < items.size(); ++i) {
+      const WorkItem& item = items[i];
+      if (item.segment_begin < item.segment_end && segments[size_t(item.seq)][size_t(item.segment_begin)].packed)
+        packed.push_back(i);
+      else
+        tasks.push_back({i, 0, p.kv_heads});
+    }
+    auto work = [&](size_t i) {  // keys the item's rows read
+      const WorkItem& item = items[i];
+      const auto& segs = segments[size_t(item.seq)];
+      const Segment& last = segs[size_t(item.segment_end - 1)];
+      return (item.row_end - item.row_begin) * (last.first_position + last.count - segs[size_t(item.segment_begin)].first_position);
+    };
+    std::stable_sort(packed.begin(), packed.end(), [&](size_t x, size_t y) { return work(x) > work(y); });
+    for (int64_t h = 0; h < p.kv_heads; ++h)
+      for (size_t i : packed) tasks.push_back({i, h, h + 1});
+    return tasks;
   }
 
   // A segment to pack (see Pack): segments[seq][index], made of `parts`, at `offset` in the packs.
