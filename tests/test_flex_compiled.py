@@ -124,6 +124,24 @@ def test_long_sequences_across_threads_and_fp16(rng):
         check(inputs, attrs, mod, torch_paged(inputs, torch_mod, **attrs), tol=tol)
 
 
+
+def test_prefill_tiles_run_programs_that_cannot_fail_over_whole_tiles(rng):
+    """A prefill's query tiles run a program that cannot fail (ALiBi, softcap) once per head over
+    all their rows, masked scores included; one whose Gather index varies with the positions (a
+    document mask) runs over each row's visible keys only: its table covers exactly the positions
+    the batch attends to, and the tiles' masked scores lie past it."""
+    from flex_cases import t_alibi, t_document_mask
+
+    while True:  # past one run of 128 positions, the second partial: masked columns lie past the table
+        inputs, attrs = random_batch(rng, batch=1, block_size=16, group=4, mode="prefill", max_len=250)
+        length = longest(inputs)
+        if length > 140:
+            break
+    ids = np.repeat(np.arange(length // 50 + 1, dtype=np.int32), 50)[:length]
+    for mod, torch_mod in ((sm.alibi(attrs["num_heads"]), t_alibi(sm.alibi_slopes(attrs["num_heads"]))),
+                           (sm.document_mask(ids), t_document_mask(ids))):
+        check(inputs, attrs, mod, torch_paged(inputs, torch_mod, **attrs))
+
 # ---- every opcode, against onnx's reference evaluator ---------------------------------------
 
 def every_op_graph():

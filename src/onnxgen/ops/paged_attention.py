@@ -71,9 +71,11 @@ on scalars, on broadcast tensors or over a vector of keys. Its value only matter
 the masks keep (`kv_pos < past + new`); a table it gathers from must cover them.
 `onnxgen.ops.score_mods` builds the common ones (causal, sliding window, softcap, ALiBi,
 relative position bias, prefix-LM, document masking) and composes them. onnxgen's kernel runs
-it compiled to a small bytecode (`onnxgen.passes.compile_score_mod`), once per query row, head
-and cache block over the visible keys; the reference and the function body evaluate the graph
-itself. Where the graph ends in masks made only of causal (`kv_pos <= q_pos`) and window
+it compiled to a small bytecode (`onnxgen.passes.compile_score_mod`): once per head and cache
+block over a whole tile of query rows (masked pairs included, their values discarded), or, for a
+graph that can fail (an integer division, a Gather at an index that varies with the positions),
+once per query row, head and block over the visible keys only; the reference and the function
+body evaluate the graph itself. Where the graph ends in masks made only of causal (`kv_pos <= q_pos`) and window
 (`kv_pos >= q_pos - W`) bounds, the compiler hands those to the kernel as `is_causal` and
 `local_window_size` (the kernel then skips the blocks they hide) and the bytecode computes the
 rest; a plain mask needs no bytecode at all. The result is the same."""

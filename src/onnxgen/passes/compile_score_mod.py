@@ -13,10 +13,11 @@ it):
 Registers hold float32 (``F``) or integer (``I``: int32 and int64 alike computed in 32 bits,
 where AVX2 vectorises them; booleans are 0/1) values; integer constants and tables outside the
 int32 range are not compiled.  Registers 0-4 are the inputs ``score`` (F), ``batch``, ``head``, ``q_pos`` and ``kv_pos`` (I).
-The kernel runs the program once per query row, head and cache block, over the vector of the
-visible kv positions' scores; ``batch``, ``head`` and ``q_pos`` are uniform there, and a register
-that depends only on uniform inputs and constants (ALiBi's slope) is computed once (length 1)
-and broadcast.  A window the graph's final mask implies also becomes the node's
+The kernel runs the program once per head and cache block over the scores of a whole tile of
+query rows (masked ones too), or, when it can fail (an integer division, a Gather whose index
+varies with the positions), once per query row, head and block over the visible ones;
+``batch`` and ``head`` are uniform there, and a register that depends only on uniform inputs and
+constants (ALiBi's slope) is computed once (length 1) and broadcast.  A window the graph's final mask implies also becomes the node's
 ``local_window_size`` (``with_program``), so the kernel skips the blocks it hides.  Every instruction's types are
 fixed here, so the interpreter never checks a type while it runs.
 

@@ -334,8 +334,12 @@ class Attention {
     const int64_t past = p_.cache_only ? 0 : p_.past.as<int32_t>()[item.seq];  // position of the first query
     const int64_t first_token = p_.cu.as<int32_t>()[item.seq];
     // The queries, scores and states of (row r, query head `head`): q and scores hold this task's
-    // heads only, at local(r, head); the states are the item's, at state_of(r, head).
+    // heads only, q[local(r, head)] (a row's heads together) and scores from scored(r, head) (a
+    // head's rows together, so that a score_mod runs over them at once); the states are the
+    // item's, at state_of(r, head).
+    const int64_t bs = p_.span;  // scores per row and head
     auto local = [&](int64_t r, int64_t head) { return r * Hl + head - head_begin; };
+    auto scored = [&](int64_t r, int64_t head) { return ((head - head_begin) * rows + r) * bs; };
     auto state_of = [&](int64_t r, int64_t head) { return r * H + head; };
     // Queries in fp32, pre-scaled: q[row][head of this task][D].
     std::vector<float> q(size_t(rows * Hl * D));
@@ -358,38 +362,42 @@ class Attention {
     std::vector<float> q_split(split ? q.size() : 0);
     for (int64_t v = 0; split && v < rows * Hl; ++v) split_even_odd(&q[size_t(v * D)], &q_split[size_t(v * D)], D);
     State state{state_buffer, Dv};
-    // score_mod runs once per (query row, head, segment) over the visible keys.
-    const int64_t bs = p_.span;
-    ScoreProgram::Scratch scratch = a_.score_mod.empty() ? ScoreProgram::Scratch{} : a_.score_mod.scratch(bs);
+    // score_mod runs once per (head, segment) over every row, or once per (row, head, segment)
+    // over the visible keys when it may fail (see ScoreProgram::may_fail).
+    const ScoreProgram& program = a_.score_mod;
+    const bool whole_tile = !program.empty() && !program.may_fail();
+    ScoreProgram::Scratch none;
+    ScoreProgram::Scratch& scratch = program.empty() ? none : program.scratch(whole_tile ? rows * bs : bs);
+    for (int64_t r = 0; whole_tile && r < rows; ++r) std::fill_n(scratch.q_pos() + r * bs, bs, ScoreInt(past + item.row_begin + r));
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t head = head_begin; head < head_end; ++head) {
         const int64_t i = state_of(r, head);
         state.max(i) = kNegInf, state.sum(i) = 0.f, std::fill_n(state.acc(i), Dv, 0.f);
       }
 
-    std::vector<float> scores(size_t(rows * Hl * bs));  // [row][head][token]
+    std::vector<float> scores(size_t(rows * Hl * bs));  // [head][row][token]
     // With many queries per KV head (prefill tiles), the AVX-512 tiled path; per KV head h (local,
-    // from 0) its query vectors are v = (row, g): queries[h * rows * G + v], their scores at
-    // score_of[...] * bs, their states at state_index[...].
+    // from 0) its query vectors are v = (row, g): queries[h * rows * G + v], their scores from
+    // score_of[...], their states at state_index[...].
     const bool tiled = has_avx512() && rows * G >= 16;
     std::vector<int64_t> state_index(size_t(Hkv * rows * G)), score_of(state_index.size());
     std::vector<const float*> queries(state_index.size()), prob_rows(size_t(rows * G));
     std::vector<float*> score_rows(size_t(rows * G)), acc_rows(size_t(rows * G));
     std::vector<float> kt;  // one head's keys of a segment, 32 at a time, transposed: [D][32]
     if (has_avx512()) {
-      kt.assign(size_t(((D + 15) / 16) * 16 * 32) + 32, 0.f);
       for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t r = 0; r < rows; ++r)
           for (int64_t g = 0; g < G; ++g) {
             const int64_t v = h * rows * G + r * G + g, head = head_begin + h * G + g;
             state_index[size_t(v)] = state_of(r, head);
-            score_of[size_t(v)] = local(r, head);
+            score_of[size_t(v)] = scored(r, head);
             queries[size_t(v)] = &q[size_t(local(r, head) * D)];
           }
     }
     // Blocks lie anywhere in the cache, so the hardware prefetcher restarts at each one: the
     // rows of the next segment are requested a few lines at a time while this one is computed.
     Trickle next_rows;
+    int64_t positions_of = -1;  // the segment whose positions the scratch holds (whole_tile)
     for (int64_t s = item.segment_begin; s < item.segment_end; ++s) {
       const Segment& seg = segments[size_t(s)];
       // Causal: no query of this item sees past its last row's position.
@@ -405,6 +413,18 @@ class Attention {
       // Score mod and softmax step of query heads [heads_from, heads_to) of every row; false if
       // none of them sees a key of this segment.
       auto normalise = [&](int64_t heads_from, int64_t heads_to) {
+        if (whole_tile) {  // soft cap, then the program, over each head's rows (masked scores too)
+          if (positions_of != s) {
+            for (int64_t r = 0; r < rows; ++r)
+              for (int64_t t = 0; t < bs; ++t) scratch.kv_pos()[r * bs + t] = ScoreInt(seg.first_position + t);
+            positions_of = s;
+          }
+          for (int64_t head = heads_from; head < heads_to; ++head) {
+            float* tile = &scores[size_t(scored(0, head))];
+            if (a_.softcap > 0.f) soft_cap(tile, (rows - 1) * bs + n);
+            program.run(tile, (rows - 1) * bs + n, item.seq, head, scratch);
+          }
+        }
         bool any = false;
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t q_pos = past + item.row_begin + r;
@@ -412,17 +432,19 @@ class Attention {
           if (a_.is_causal) hi = std::min(hi, q_pos + 1);
           if (a_.local_window_size >= 0) lo = std::max(lo, q_pos - a_.local_window_size);
           const int64_t vis_lo = std::max<int64_t>(lo - seg.first_position, 0), vis_hi = std::min(hi - seg.first_position, n);
-          const bool modded = !a_.score_mod.empty() && vis_lo < vis_hi;
-          if (modded)  // soft cap, then the score_mod program, over each head's visible scores
+          const bool modded = !program.empty() && (whole_tile || vis_lo < vis_hi);
+          if (modded && !whole_tile) {  // soft cap, then the program, over each head's visible scores
+            std::fill_n(scratch.q_pos(), vis_hi - vis_lo, ScoreInt(q_pos));
+            for (int64_t t = vis_lo; t < vis_hi; ++t) scratch.kv_pos()[t - vis_lo] = ScoreInt(seg.first_position + t);
             for (int64_t head = heads_from; head < heads_to; ++head) {
-              float* visible = &scores[size_t(local(r, head) * bs + vis_lo)];
-              if (a_.softcap > 0.f)
-                soft_cap(visible, vis_hi - vis_lo);
-              a_.score_mod.run(visible, vis_hi - vis_lo, item.seq, head, q_pos, seg.first_position + vis_lo, scratch);
+              float* visible = &scores[size_t(scored(r, head) + vis_lo)];
+              if (a_.softcap > 0.f) soft_cap(visible, vis_hi - vis_lo);
+              program.run(visible, vis_hi - vis_lo, item.seq, head, scratch);
             }
+          }
           for (int64_t head = heads_from; head < heads_to; ++head)
-            any |= softmax_step(&scores[size_t(local(r, head) * bs)], n, lo - seg.first_position,
-                                hi - seg.first_position, state, state_of(r, head), modded);
+            any |= softmax_step(&scores[size_t(scored(r, head))], n, lo - seg.first_position, hi - seg.first_position, state,
+                                state_of(r, head), modded);
         }
         return any;
       };
@@ -430,7 +452,7 @@ class Attention {
       auto weights_of = [&](int64_t h) {
         for (int64_t v = 0; v < rows * G; ++v) {
           const size_t w = size_t(h * rows * G + v);
-          prob_rows[size_t(v)] = &scores[size_t(score_of[w] * bs + first_key)];
+          prob_rows[size_t(v)] = &scores[size_t(score_of[w] + first_key)];
           acc_rows[size_t(v)] = state.acc(state_index[w]);
         }
       };
@@ -440,7 +462,7 @@ class Attention {
           const float* keys = seg.packed + (kv_begin + h) * pack.per_head();
           // Chunks of 32 from 0 (the scores before first_key are masked).
           for (int64_t c = first_key / 32 * 32; c < n; c += 32) {
-            for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(score_of[size_t(h * rows * G + v)] * bs + c)];
+            for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(score_of[size_t(h * rows * G + v)] + c)];
             const int64_t m = std::min<int64_t>(32, n - c);
             if (Pack::chunk_width(seg.count, c) == 32) scores_tile<2>(&queries[size_t(h * rows * G)], rows * G, keys + c * D, D, score_rows.data(), m);
             else scores_tile<1>(&queries[size_t(h * rows * G)], rows * G, keys + c * D, D, score_rows.data(), m);
@@ -454,6 +476,7 @@ class Attention {
       }
       if (tiled) {  // many queries per key: transpose each head's keys once, then broadcast-FMAs
         const TransposeFn transpose = transpose_for(seg.type);
+        if (kt.empty()) kt.assign(size_t(((D + 15) / 16) * 16 * 32) + 32, 0.f);
         for (int64_t h = 0; h < Hkv; ++h) {
           for (int64_t c = first_key; c < n; c += 32) {  // 32 keys at a time, or the last 16 or fewer
             const int64_t m = std::min<int64_t>(32, n - c), columns = m > 16 ? 2 : 1;
@@ -461,7 +484,7 @@ class Attention {
             for (int64_t half = 0; half < columns; ++half)
               transpose(keys + size_t(16 * half * seg.k_token) * width, seg.k_token, std::min<int64_t>(16, m - 16 * half), D,
                         kt.data() + 16 * half, 16 * columns);
-            for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(score_of[size_t(h * rows * G + v)] * bs + c)];
+            for (int64_t v = 0; v < rows * G; ++v) score_rows[size_t(v)] = &scores[size_t(score_of[size_t(h * rows * G + v)] + c)];
             if (columns == 2) scores_tile<2>(&queries[size_t(h * rows * G)], rows * G, kt.data(), D, score_rows.data(), m);
             else scores_tile<1>(&queries[size_t(h * rows * G)], rows * G, kt.data(), D, score_rows.data(), m);
             next_rows.step(size_t(m * D) * width);
@@ -482,8 +505,8 @@ class Attention {
               const void* krows = static_cast<const char*>(seg.key) + size_t(t * seg.k_token + (kv_begin + h) * seg.k_head) * width;
               for (int64_t r = 0; r < rows; ++r)
                 for (int64_t g = 0; g < G; g += Q) {
-                  const int64_t i = local(r, head_begin + h * G + g);
-                  block(&qs[size_t(i * D)], krows, seg.k_token, D, &scores[size_t(i * bs + t)], bs);
+                  const int64_t head = head_begin + h * G + g;
+                  block(&qs[size_t(local(r, head) * D)], krows, seg.k_token, D, &scores[size_t(scored(r, head) + t)], rows * bs);
                 }
               next_rows.step(size_t(keys * D) * width);
             }
@@ -493,8 +516,8 @@ class Attention {
           for (int64_t h = 0; h < Hkv; ++h) {
             const void* krow = static_cast<const char*>(seg.key) + size_t(t * seg.k_token + (kv_begin + h) * seg.k_head) * width;
             for (int64_t r = 0; r < rows; ++r) {  // the G query heads of KV head h read this row
-              const int64_t i = local(r, head_begin + h * G);
-              dots(&q[size_t(i * D)], G, krow, D, &scores[size_t(i * bs + t)], bs);
+              const int64_t head = head_begin + h * G;
+              dots(&q[size_t(local(r, head) * D)], G, krow, D, &scores[size_t(scored(r, head) + t)], rows * bs);
             }
             next_rows.step(size_t(D) * width);
           }
@@ -519,7 +542,7 @@ class Attention {
           for (int64_t r = 0; r < rows; ++r)
             for (int64_t g = 0; g < G; ++g) {
               const int64_t head = head_begin + h * G + g;
-              const float w = scores[size_t(local(r, head) * bs + t)];
+              const float w = scores[size_t(scored(r, head) + t)];
               if (w != 0.f) axpy_row(state.acc(state_of(r, head)), w, vrow, Dv);
             }
           next_rows.step(size_t(Dv) * width);
