@@ -614,7 +614,8 @@ class Attention {
   float scale_;
 };
 
-// Combine the KV chunks of one (token, head) and the head sink into the output row.
+// Combine the KV chunks of one (token, head) and the head sink into the output row: one pass
+// over the sums per chunk (a prefill's rows have one).
 void merge(const Problem& p, const std::vector<const float*>& partials, const float* sink, float* out) {
   const int64_t Dv = p.v_head_size;
   float m = sink ? *sink : kNegInf;
@@ -622,13 +623,11 @@ void merge(const Problem& p, const std::vector<const float*>& partials, const fl
   std::fill_n(out, Dv, 0.f);
   if (m == kNegInf) return;  // fully masked, no sink: zeros
   float total = sink ? std::exp(*sink - m) : 0.f;
-  for (const float* s : partials) {
-    if (s[0] == kNegInf) continue;
-    const float w = std::exp(s[0] - m);
-    total += w * s[1];
-    axpy(out, w, s + 2, Dv);
-  }
-  if (total > 0.f) scale_row(out, 1.f / total, Dv);
+  for (const float* s : partials)
+    if (s[0] != kNegInf) total += std::exp(s[0] - m) * s[1];
+  if (!(total > 0.f)) return;
+  for (const float* s : partials)
+    if (s[0] != kNegInf) axpy(out, std::exp(s[0] - m) / total, s + 2, Dv);
 }
 
 struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
@@ -736,11 +735,11 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
       }
       const size_t bytes = dtype_size(p.qkv_type);
       if (!p.heads_first) {
-        store_row(row.data(), p.qkv_type, static_cast<char*>(out) + t * p.heads * p.v_head_size * bytes, p.heads * p.v_head_size);
+        store_output_row(row.data(), p.qkv_type, static_cast<char*>(out) + t * p.heads * p.v_head_size * bytes, p.heads * p.v_head_size);
         return;
       }
       for (int64_t h = 0; h < p.heads; ++h)
-        store_row(&row[size_t(h * p.v_head_size)], p.qkv_type,
+        store_output_row(&row[size_t(h * p.v_head_size)], p.qkv_type,
                   static_cast<char*>(out) + size_t(head_row(p, seq_of_token[t], int64_t(t), h, p.v_head_size)) * bytes,
                   p.v_head_size);
     });
