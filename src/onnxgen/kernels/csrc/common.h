@@ -827,7 +827,7 @@ inline AxpyFn axpy_for(DType t) {
 // a fresh allocation of megabytes is mapped anew by the C library each call and faults in page
 // by page, measured at 0.75 ms of a 2 ms prefill (B 4 x 200 tokens).  Valid until the thread
 // asks for the same slot again; a buffer only grows.  Slots: 0 PagedAttention's states, 1 its
-// packs, 2 one pack's gathered keys (on the pool threads that write packs).  Aligned to a cache
+// packs, 2 one pack's gathered keys (on the pool threads that write packs), 3 one task's states.  Aligned to a cache
 // line: the C library's large blocks start 16 bytes past one, so every 64-byte load of a pack
 // straddled two lines.
 inline float* workspace(size_t slot, size_t n) {
@@ -836,7 +836,7 @@ inline float* workspace(size_t slot, size_t n) {
     std::unique_ptr<float[]> data;
     size_t size = 0;
   };
-  thread_local Buffer buffers[3];
+  thread_local Buffer buffers[4];
   Buffer& b = buffers[slot];
   if (b.size < n) b.data.reset(new float[n + kLine]), b.size = n;
   const uintptr_t at = reinterpret_cast<uintptr_t>(b.data.get());

@@ -109,7 +109,10 @@ struct Pack {
 struct WorkItem {
   int64_t seq, row_begin, row_end;       // query rows (relative to the sequence's first new token)
   int64_t segment_begin, segment_end;    // into the sequence's segment list
-  int64_t state_offset;                  // into the partial-state buffer
+  int64_t state_offset;                  // into the partial-state buffer (-1: whole)
+  // Whole: every segment its rows see, so it writes their output itself, from states kept per
+  // task (see Attention::run).
+  bool whole() const { return state_offset < 0; }
 };
 
 Problem check(Ort::KernelContext& ctx, const Attributes& a) {
@@ -316,16 +319,49 @@ class FlushDenormals {
   unsigned int saved_;
 };
 
+// Combine the KV chunks of one (token, head) and the head sink into the output row: one pass
+// over the sums per chunk (a prefill's rows have one).
+void merge(const Problem& p, const float* const* partials, size_t count, const float* sink, float* out) {
+  const int64_t Dv = p.v_head_size;
+  float m = sink ? *sink : kNegInf;
+  for (size_t i = 0; i < count; ++i) m = std::max(m, partials[i][0]);
+  std::fill_n(out, Dv, 0.f);
+  if (m == kNegInf) return;  // fully masked, no sink: zeros
+  float total = sink ? std::exp(*sink - m) : 0.f;
+  for (size_t i = 0; i < count; ++i)
+    if (partials[i][0] != kNegInf) total += std::exp(partials[i][0] - m) * partials[i][1];
+  if (!(total > 0.f)) return;
+  for (size_t i = 0; i < count; ++i)
+    if (partials[i][0] != kNegInf) axpy(out, std::exp(partials[i][0] - m) / total, partials[i] + 2, Dv);
+}
+
+// Query heads [head_begin, head_end) of output token t (of sequence seq) from `row` (fp32, Dv per
+// head).
+void store_output(const Problem& p, void* out, int64_t seq, int64_t t, int64_t head_begin, int64_t head_end, const float* row) {
+  const size_t bytes = dtype_size(p.qkv_type);
+  const int64_t Dv = p.v_head_size;
+  if (!p.heads_first) {
+    store_output_row(row, p.qkv_type, static_cast<char*>(out) + size_t((t * p.heads + head_begin) * Dv) * bytes,
+                     (head_end - head_begin) * Dv);
+    return;
+  }
+  for (int64_t h = head_begin; h < head_end; ++h)
+    store_output_row(row + (h - head_begin) * Dv, p.qkv_type, static_cast<char*>(out) + size_t(head_row(p, seq, t, h, Dv)) * bytes, Dv);
+}
+
 class Attention {
  public:
-  Attention(const Problem& p, const Attributes& a) : p_(p), a_(a) {
+  // `sink`: one per query head, or null; `out`: the output tensor's data.
+  Attention(const Problem& p, const Attributes& a, const float* sink, void* out) : p_(p), a_(a), sink_(sink), out_(out) {
     scale_ = a.scale != 0.f ? a.scale : 1.f / std::sqrt(float(p.head_size));
   }
 
   // One work item: query rows [row_begin, row_end) of sequence `seq` over some of its segments,
   // for KV heads [kv_begin, kv_end) (their query heads' states only: the tasks of one item with
-  // other KV heads may run at the same time).
-  void run(const WorkItem& item, const std::vector<Segment>& segments, float* state_buffer, int64_t kv_begin,
+  // other KV heads may run at the same time).  A whole item's states live in this thread's
+  // workspace for the task, and its output is written at the end: a 1024-token prefill's states
+  // (17 MiB) are neither cleared, nor written back, nor read again by the merge.
+  void run(const WorkItem& item, const std::vector<Segment>& segments, float* states, int64_t kv_begin,
            int64_t kv_end) const {
     const FlushDenormals flush;
     const int64_t rows = item.row_end - item.row_begin, H = p_.heads, D = p_.head_size, Dv = p_.v_head_size;
@@ -336,11 +372,12 @@ class Attention {
     // The queries, scores and states of (row r, query head `head`): q and scores hold this task's
     // heads only, q[local(r, head)] (a row's heads together) and scores from scored(r, head) (a
     // head's rows together, so that a score_mod runs over them at once); the states are the
-    // item's, at state_of(r, head).
+    // item's (a whole item's: the task's), at state_of(r, head).
     const int64_t bs = p_.span;  // scores per row and head
     auto local = [&](int64_t r, int64_t head) { return r * Hl + head - head_begin; };
     auto scored = [&](int64_t r, int64_t head) { return ((head - head_begin) * rows + r) * bs; };
-    auto state_of = [&](int64_t r, int64_t head) { return r * H + head; };
+    const bool whole = item.whole();
+    auto state_of = [&](int64_t r, int64_t head) { return whole ? local(r, head) : r * H + head; };
     // Queries in fp32, pre-scaled: q[row][head of this task][D].
     std::vector<float> q(size_t(rows * Hl * D));
     const size_t qbytes = dtype_size(p_.qkv_type);
@@ -361,7 +398,7 @@ class Attention {
     const bool split = has_avx512() && p_.cache_type == DType::bf16 && D % 32 == 0 && p_.v_head_size % 32 == 0;
     std::vector<float> q_split(split ? q.size() : 0);
     for (int64_t v = 0; split && v < rows * Hl; ++v) split_even_odd(&q[size_t(v * D)], &q_split[size_t(v * D)], D);
-    State state{state_buffer, Dv};
+    State state{whole ? workspace(3, size_t(rows * Hl * (Dv + 2))) : states + item.state_offset, Dv};
     // score_mod runs once per (head, segment) over every row, or once per (row, head, segment)
     // over the visible keys when it may fail (see ScoreProgram::may_fail).
     const ScoreProgram& program = a_.score_mod;
@@ -548,9 +585,23 @@ class Attention {
           next_rows.step(size_t(Dv) * width);
         }
     }
+    if (whole) write_output(item, state, head_begin, head_end);
   }
 
  private:
+  // The output rows of a whole item's heads [head_begin, head_end), from its task's states.
+  void write_output(const WorkItem& item, State& state, int64_t head_begin, int64_t head_end) const {
+    const int64_t Dv = p_.v_head_size, Hl = head_end - head_begin;
+    std::vector<float> row(size_t(Hl * Dv));
+    for (int64_t r = 0; r < item.row_end - item.row_begin; ++r) {
+      for (int64_t head = head_begin; head < head_end; ++head) {
+        const float* part = &state.max(r * Hl + head - head_begin);
+        merge(p_, &part, 1, sink_ ? &sink_[head] : nullptr, &row[size_t((head - head_begin) * Dv)]);
+      }
+      store_output(p_, out_, item.seq, p_.cu.as<int32_t>()[item.seq] + item.row_begin + r, head_begin, head_end, row.data());
+    }
+  }
+
   // s[t] = softcap * tanh(s[t] * scale / softcap) for t < n, eight lanes at a time (score_tanh256:
   // relative error ~3e-7; std::tanh per score made the attribute 2x slower than a compiled mod).
   void soft_cap(float* s, int64_t n) const {
@@ -611,24 +662,11 @@ class Attention {
 
   const Problem& p_;
   const Attributes& a_;
+  const float* sink_;
+  void* out_;
   float scale_;
 };
 
-// Combine the KV chunks of one (token, head) and the head sink into the output row: one pass
-// over the sums per chunk (a prefill's rows have one).
-void merge(const Problem& p, const std::vector<const float*>& partials, const float* sink, float* out) {
-  const int64_t Dv = p.v_head_size;
-  float m = sink ? *sink : kNegInf;
-  for (const float* s : partials) m = std::max(m, s[0]);
-  std::fill_n(out, Dv, 0.f);
-  if (m == kNegInf) return;  // fully masked, no sink: zeros
-  float total = sink ? std::exp(*sink - m) : 0.f;
-  for (const float* s : partials)
-    if (s[0] != kNegInf) total += std::exp(s[0] - m) * s[1];
-  if (!(total > 0.f)) return;
-  for (const float* s : partials)
-    if (s[0] != kNegInf) axpy(out, std::exp(s[0] - m) / total, s + 2, Dv);
-}
 
 struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
   Attributes a;
@@ -692,7 +730,11 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
           while (first < last && segs[size_t(first)].first_position + segs[size_t(first)].count <=
                                      past + r0 - a.local_window_size) ++first;
         if (first == last) last = first + (segs.empty() ? 0 : 1);  // keep one (fully masked) item
-        for (int64_t s = first; s < std::max(last, first + 1); s += chunk) {
+        if (std::max(last, first + 1) - first <= chunk) {  // one item: whole
+          items.push_back({b, r0, r1, first, last, -1});
+          continue;
+        }
+        for (int64_t s = first; s < last; s += chunk) {
           items.push_back({b, r0, r1, s, std::min(last, s + chunk), state_size});
           state_size += (r1 - r0) * per_row;
         }
@@ -702,26 +744,30 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
     float* states = workspace(0, size_t(state_size));
     write_packs(ctx, p, packs, segments);
 
-    // 2. Attention over the input caches.
-    Attention attention(p, a);
-    const std::vector<Task> tasks = plan_tasks(p, items, segments);
-    parallel_for(ctx, tasks.size(), [&](size_t i) {
-      const WorkItem& item = items[tasks[i].item];
-      attention.run(item, segments[size_t(item.seq)], &states[size_t(item.state_offset)], tasks[i].kv_begin, tasks[i].kv_end);
-    });
-
-    // 3. Merge the chunks of each query row, add the sink, write the output.
-    std::vector<std::vector<size_t>> items_of_row(size_t(p.tokens));
-    for (size_t i = 0; i < items.size(); ++i)
-      for (int64_t r = items[i].row_begin; r < items[i].row_end; ++r)
-        items_of_row[size_t(p.cu.as<int32_t>()[items[i].seq] + r)].push_back(i);
-    std::vector<int64_t> seq_of_token(size_t(p.tokens));
-    for (int64_t b = 0; b < p.batch; ++b)
-      for (int64_t t = p.cu.as<int32_t>()[b]; t < p.cu.as<int32_t>()[b + 1]; ++t) seq_of_token[size_t(t)] = b;
+    // 2. Attention over the input caches (and the output of whole items).
     std::vector<float> sink(size_t(p.heads));
     if (p.sink.present()) load_row(p.sink.data, p.qkv_type, sink.data(), p.heads);
     void* out = output.GetTensorMutableRawData();
-    parallel_for(ctx, size_t(p.tokens), [&](size_t t) {
+    Attention attention(p, a, p.sink.present() ? sink.data() : nullptr, out);
+    const std::vector<Task> tasks = plan_tasks(p, items, segments);
+    parallel_for(ctx, tasks.size(), [&](size_t i) {
+      const WorkItem& item = items[tasks[i].item];
+      attention.run(item, segments[size_t(item.seq)], states, tasks[i].kv_begin, tasks[i].kv_end);
+    });
+
+    // 3. Merge the chunks of the other query rows, add the sink, write the output.
+    std::vector<std::vector<size_t>> items_of_row(size_t(p.tokens));
+    std::vector<size_t> to_merge;
+    for (size_t i = 0; i < items.size(); ++i)
+      for (int64_t r = items[i].row_begin; r < items[i].row_end && !items[i].whole(); ++r)
+        items_of_row[size_t(p.cu.as<int32_t>()[items[i].seq] + r)].push_back(i);
+    for (size_t t = 0; t < size_t(p.tokens); ++t)
+      if (!items_of_row[t].empty()) to_merge.push_back(t);
+    std::vector<int64_t> seq_of_token(size_t(p.tokens));
+    for (int64_t b = 0; b < p.batch; ++b)
+      for (int64_t t = p.cu.as<int32_t>()[b]; t < p.cu.as<int32_t>()[b + 1]; ++t) seq_of_token[size_t(t)] = b;
+    parallel_for(ctx, to_merge.size(), [&](size_t j) {
+      const size_t t = to_merge[j];
       std::vector<float> row(size_t(p.heads * p.v_head_size));
       std::vector<const float*> partials;
       for (int64_t h = 0; h < p.heads; ++h) {
@@ -731,17 +777,9 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
           const int64_t r = int64_t(t) - p.cu.as<int32_t>()[item.seq] - item.row_begin;
           partials.push_back(&states[size_t(item.state_offset + (r * p.heads + h) * (p.v_head_size + 2))]);
         }
-        merge(p, partials, p.sink.present() ? &sink[size_t(h)] : nullptr, &row[size_t(h * p.v_head_size)]);
+        merge(p, partials.data(), partials.size(), p.sink.present() ? &sink[size_t(h)] : nullptr, &row[size_t(h * p.v_head_size)]);
       }
-      const size_t bytes = dtype_size(p.qkv_type);
-      if (!p.heads_first) {
-        store_output_row(row.data(), p.qkv_type, static_cast<char*>(out) + t * p.heads * p.v_head_size * bytes, p.heads * p.v_head_size);
-        return;
-      }
-      for (int64_t h = 0; h < p.heads; ++h)
-        store_output_row(&row[size_t(h * p.v_head_size)], p.qkv_type,
-                  static_cast<char*>(out) + size_t(head_row(p, seq_of_token[t], int64_t(t), h, p.v_head_size)) * bytes,
-                  p.v_head_size);
+      store_output(p, out, seq_of_token[t], int64_t(t), 0, p.heads, row.data());
     });
 
     // 4. The caches: copy when not bound in place, then write the new rows at their slots.
