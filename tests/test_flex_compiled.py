@@ -142,6 +142,18 @@ def test_prefill_tiles_run_programs_that_cannot_fail_over_whole_tiles(rng):
                            (sm.document_mask(ids), t_document_mask(ids))):
         check(inputs, attrs, mod, torch_paged(inputs, torch_mod, **attrs))
 
+
+def test_what_depends_on_positions_alone_is_shared_by_the_heads(rng):
+    """The registers that depend on neither the score nor the head are computed once for all
+    the heads of a tile or row, the others per head; here the result itself depends on the
+    positions alone (the score is ignored), in a prefill's tiles and in the decodes' rows."""
+    g = sm._Graph("distance_only")
+    mod = g.finish(g.op("Mul", g.op("Cast", g.op("Sub", "kv_pos", "q_pos"), to=TensorProto.FLOAT), g.const(0.25, np.float32)))
+    torch_mod = lambda s, b, h, q, kv: 0.25 * (kv - q).float()  # noqa: E731
+    for mode, max_len in (("prefill", 250), ("mixed", 40)):
+        inputs, attrs = random_batch(rng, batch=2, block_size=16, group=4, mode=mode, max_len=max_len)
+        check(inputs, attrs, mod, torch_paged(inputs, torch_mod, **attrs))
+
 # ---- every opcode, against onnx's reference evaluator ---------------------------------------
 
 def every_op_graph():

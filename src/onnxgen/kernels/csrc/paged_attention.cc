@@ -454,6 +454,7 @@ class Attention {
           if (positions_of != s) {
             for (int64_t r = 0; r < rows; ++r)
               for (int64_t t = 0; t < bs; ++t) scratch.kv_pos()[r * bs + t] = ScoreInt(seg.first_position + t);
+            program.prepare((rows - 1) * bs + n, item.seq, scratch);
             positions_of = s;
           }
           for (int64_t head = heads_from; head < heads_to; ++head) {
@@ -473,6 +474,7 @@ class Attention {
           if (modded && !whole_tile) {  // soft cap, then the program, over each head's visible scores
             std::fill_n(scratch.q_pos(), vis_hi - vis_lo, ScoreInt(q_pos));
             for (int64_t t = vis_lo; t < vis_hi; ++t) scratch.kv_pos()[t - vis_lo] = ScoreInt(seg.first_position + t);
+            program.prepare(vis_hi - vis_lo, item.seq, scratch);
             for (int64_t head = heads_from; head < heads_to; ++head) {
               float* visible = &scores[size_t(scored(r, head) + vis_lo)];
               if (a_.softcap > 0.f) soft_cap(visible, vis_hi - vis_lo);

@@ -81,7 +81,8 @@ class ScoreProgram {
     if (regs_ < kInputs || count < 1 || int64_t(code.size()) < 4 + 5 * count || regs_ > 4096)
       bad("bad header (", regs_, " registers, ", count, " instructions)");
     itables_.assign(code.begin() + 4 + 5 * count, code.end());
-    is_float_.assign(size_t(regs_), false), uniform_.assign(size_t(regs_), false);
+    is_float_.assign(size_t(regs_), false), uniform_.assign(size_t(regs_), false), headless_.assign(size_t(regs_), true);
+    headless_[0] = headless_[2] = false;
     is_float_[0] = true, uniform_[1] = uniform_[2] = true;  // one call: one batch entry and head
     std::vector<bool> written(size_t(regs_), false);
     for (int i = 0; i < kInputs; ++i) written[size_t(i)] = true;
@@ -92,10 +93,11 @@ class ScoreProgram {
       if (in.dst < kInputs || in.dst >= regs_ || written[size_t(in.dst)]) bad("instruction ", i, " writes register ", in.dst);
       const int arity = operands(in.op);
       const int64_t ops[3] = {in.a, in.b, in.c};
-      bool uniform = true;
+      bool uniform = true, headless = true;
       for (int k = 0; k < arity; ++k) {
         if (ops[k] < 0 || ops[k] >= regs_ || !written[size_t(ops[k])]) bad("instruction ", i, " reads register ", ops[k]);
         uniform = uniform && uniform_[size_t(ops[k])];
+        headless = headless && headless_[size_t(ops[k])];
         if (is_float_[size_t(ops[k])] != operand_is_float(in.op, k))
           bad("instruction ", i, " (opcode ", in.op, ") reads register ", ops[k], " of the wrong type");
       }
@@ -105,11 +107,13 @@ class ScoreProgram {
       }
       written[size_t(in.dst)] = true;
       uniform_[size_t(in.dst)] = uniform;
+      headless_[size_t(in.dst)] = headless;
       may_fail_ |= in.op == DIV_I || ((in.op == GATHER_F || in.op == GATHER_I) && !uniform_[size_t(in.a)]);
       is_float_[size_t(in.dst)] = result_is_float(in.op);
       code_.push_back(in);
     }
     if (!is_float_[size_t(code_.back().dst)]) bad("the last instruction must compute the float score");
+    headless_[size_t(code_.back().dst)] = false;  // the result is written into each head's scores
   }
 
   bool empty() const { return code_.empty(); }
@@ -139,23 +143,32 @@ class ScoreProgram {
     return m;
   }
 
+  // The registers that depend on the positions and batch alone (ALiBi's float(kv_pos - q_pos)),
+  // computed once for every head that reads the same n positions: call after writing them.
+  void prepare(int64_t n, int64_t batch, Scratch& m) const {
+    if (has_avx512()) run_wide(nullptr, n, batch, -1, m, true);
+    else interpret(nullptr, n, batch, -1, m, true);
+  }
+
   // s[t] <- score_mod(s[t], batch, head, q_pos[t], kv_pos[t]) for t < n (n <= the scratch's
-  // width).  Batch and head are uniform, so what depends on them alone (ALiBi's slope, a table
-  // row) is computed once per call.
+  // width), after prepare(n, batch).  Batch and head are uniform, so what depends on them alone
+  // (ALiBi's slope, a table row) is computed once per call.
   void run(float* s, int64_t n, int64_t batch, int64_t head, Scratch& m) const {
-    if (has_avx512()) run_wide(s, n, batch, head, m);
-    else interpret(s, n, batch, head, m);
+    if (has_avx512()) run_wide(s, n, batch, head, m, false);
+    else interpret(s, n, batch, head, m, false);
   }
 
  private:
   // The same loops compiled for AVX-512, 16 lanes: a prefill's ALiBi cost 1.5x less over
   // plain attention than with 8.  (GCC's target_clones would do this, but its dispatcher lets no
   // exception through.)
-  ONNXGEN_AVX512 void run_wide(float* s, int64_t n, int64_t batch, int64_t head, Scratch& m) const {
-    interpret(s, n, batch, head, m);
+  ONNXGEN_AVX512 void run_wide(float* s, int64_t n, int64_t batch, int64_t head, Scratch& m, bool headless) const {
+    interpret(s, n, batch, head, m, headless);
   }
 
-  __attribute__((always_inline)) inline void interpret(float* s, int64_t n, int64_t batch, int64_t head, Scratch& m) const {
+  // The instructions that depend on neither the score nor the head (`headless`), or the others.
+  __attribute__((always_inline)) inline void interpret(float* s, int64_t n, int64_t batch, int64_t head, Scratch& m,
+                                                       bool headless) const {
     if (n <= 0) return;
     const int64_t W = m.width;
     // The score input and the result are `s` itself, no copies in or out: every instruction is
@@ -167,6 +180,7 @@ class ScoreProgram {
     auto st = [&](int64_t r) { return uniform_[size_t(r)] ? int64_t(0) : int64_t(1); };
     I(1)[0] = ScoreInt(batch), I(2)[0] = ScoreInt(head);
     for (const Instr& in : code_) {
+      if (headless_[size_t(in.dst)] != headless) continue;
       const int64_t len = uniform_[size_t(in.dst)] ? 1 : n;
       const int64_t sa = in.op == CONST_F || in.op == CONST_I ? 0 : st(in.a);
       const int64_t sb = operands(in.op) > 1 ? st(in.b) : 0, sc = operands(in.op) > 2 ? st(in.c) : 0;
@@ -262,7 +276,7 @@ class ScoreProgram {
         default: break;
       }
     }
-    if (uniform_[size_t(out)]) std::fill_n(s + 1, n - 1, s[0]);  // a constant result: s[0] only
+    if (!headless && uniform_[size_t(out)]) std::fill_n(s + 1, n - 1, s[0]);  // a constant result: s[0] only
   }
   struct Instr {
     int64_t op, dst, a, b, c;
@@ -317,7 +331,7 @@ class ScoreProgram {
   std::vector<Instr> code_;
   std::vector<float> ftables_;
   std::vector<int64_t> itables_;
-  std::vector<bool> is_float_, uniform_;
+  std::vector<bool> is_float_, uniform_, headless_;  // headless: depends on neither the score nor the head
   int64_t regs_ = 0;
   bool may_fail_ = false;
 };
