@@ -602,6 +602,7 @@ class Attention {
       }
       store_output(p_, out_, item.seq, p_.cu.as<int32_t>()[item.seq] + item.row_begin + r, head_begin, head_end, row.data());
     }
+    _mm_sfence();  // the non-temporal stores, before the task ends
   }
 
   // s[t] = softcap * tanh(s[t] * scale / softcap) for t < n, eight lanes at a time (score_tanh256:
@@ -782,6 +783,7 @@ struct PagedAttentionKernel : KernelBase<PagedAttentionKernel> {
         merge(p, partials.data(), partials.size(), p.sink.present() ? &sink[size_t(h)] : nullptr, &row[size_t(h * p.v_head_size)]);
       }
       store_output(p, out, seq_of_token[t], int64_t(t), 0, p.heads, row.data());
+      _mm_sfence();  // the non-temporal stores, before the task ends
     });
 
     // 4. The caches: copy when not bound in place, then write the new rows at their slots.
