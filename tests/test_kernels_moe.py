@@ -76,23 +76,27 @@ def moe_inputs(rng, tokens, hidden, experts, inter, *, gated=1, dtype=np.float32
     }
 
 
+def as_initializers(model, inputs, names):
+    """Moves the named inputs into the model as initializers (constants the kernel may pack when
+    the session is created); returns the feeds left."""
+    feeds_ = dict(inputs)
+    for name in names:
+        array = feeds_.pop(name)
+        if array.dtype == BF16:
+            tensor = helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, array.view(np.uint16).tobytes(), raw=True)
+        else:
+            tensor = numpy_helper.from_array(array, name)
+        model.graph.initializer.append(tensor)
+        kept = [i for i in model.graph.input if i.name != name]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+    return feeds_
+
+
 def check_moe(inputs, constant_weights=False, **attrs):
     """``constant_weights``: the expert weights as initializers (the kernel may prepack them)."""
     model = single_node_model("MoE", inputs, ["Y", "topk_indices", "topk_weights"], **attrs)
-    feeds_ = dict(inputs)
-    if constant_weights:
-        from onnx import TensorProto, helper
-
-        for name in ("gate_up_weights", "down_weights"):
-            array = feeds_.pop(name)
-            if array.dtype == BF16:
-                tensor = helper.make_tensor(name, TensorProto.BFLOAT16, array.shape, array.view(np.uint16).tobytes(), raw=True)
-            else:
-                tensor = onnx.numpy_helper.from_array(array, name)
-            model.graph.initializer.append(tensor)
-            kept = [i for i in model.graph.input if i.name != name]
-            del model.graph.input[:]
-            model.graph.input.extend(kept)
+    feeds_ = as_initializers(model, inputs, ["gate_up_weights", "down_weights"] if constant_weights else [])
     y, indices, weights = run_kernel(model, feeds_)
     want_y, want_indices, want_weights = moe(*inputs.values(), **attrs)
     np.testing.assert_array_equal(indices, want_indices)
@@ -185,6 +189,9 @@ for dtype in (np.float32, np.float16, t.BF16):
                 gate_up_layout="interleaved", activation="swiglu_clamped")
     t.check_moe(t.moe_inputs(rng, 3, 72, 4, 40, gated=0, dtype=dtype), k=2, activation="gelu", gated=0)
 t.check_grouped(t.grouped_inputs(rng, 20, 150, 5, 70, 3, True, np.float32))
+t.check_grouped(t.grouped_inputs(rng, 5, 300, 3, 600, 2, True, np.float32), constant_weights=True)
+for layout in ("concatenated", "interleaved"):
+    t.check_moe(t.moe_inputs(rng, 9, 300, 4, 280, gate_up_bias=True), constant_weights=True, k=2, gate_up_layout=layout)
 print("ok")
 """
     env = {**os.environ, "ONNXGEN_NO_AVX512": "1"}
@@ -220,9 +227,9 @@ def grouped_inputs(rng, m, k_dim, groups, n, k, with_bias, dtype):
     }
 
 
-def check_grouped(inputs):
+def check_grouped(inputs, constant_weights=False):
     model = single_node_model("GroupedMatMul", inputs, ["output"])
-    (got,) = run_kernel(model, inputs)
+    (got,) = run_kernel(model, as_initializers(model, inputs, ["weights"] if constant_weights else []))
     want = grouped_matmul(**inputs)
     assert got.dtype == want.dtype and got.shape == want.shape
     tol = TOL[inputs["input"].dtype]
@@ -371,34 +378,37 @@ def test_grouped_bf16_tile_edges(rng, m, k_dim, n):
     check_grouped(grouped_inputs(rng, m, k_dim, 3, n, 2, True, BF16))
 
 
-def check_dense(rng, shape, n, constant):
-    """The dense form of passes.bf16_linear: GroupedMatMul(input fp32 [..., K], weights bf16 [K, N])
-    with no group_indices, against numpy on the input rounded to bf16 (the AMX path rounds it; the
-    widening path does not, and stays within the same tolerance)."""
-    from onnx import TensorProto, helper
-
+def check_dense(rng, shape, n, constant, dtype=BF16):
+    """The dense form of passes.bf16_linear: GroupedMatMul(input fp32 [..., K], weights [K, N]) with
+    no group_indices.  bf16 weights: against numpy on the input rounded to bf16 (the AMX path
+    rounds it; the widening path does not, and stays within the same tolerance).  fp32 weights
+    (packed into column tiles when constant): against numpy in float64, at 1e-4."""
     k_dim = shape[-1]
     x = rng.standard_normal(shape).astype(np.float32)
-    w = (rng.standard_normal((k_dim, n)) / np.sqrt(k_dim)).astype(BF16)
-    weight = helper.make_tensor("w", TensorProto.BFLOAT16, [k_dim, n], w.view(np.uint16).tobytes(), raw=True)
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))]
-    if not constant:
-        inputs.append(helper.make_tensor_value_info("w", TensorProto.BFLOAT16, [k_dim, n]))
+    w = (rng.standard_normal((k_dim, n)) / np.sqrt(k_dim)).astype(dtype)
+    elem = helper.np_dtype_to_tensor_dtype(w.dtype) if dtype != BF16 else TensorProto.BFLOAT16
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape)),
+              helper.make_tensor_value_info("w", elem, [k_dim, n])]
     graph = helper.make_graph([helper.make_node("GroupedMatMul", ["x", "w"], ["y"], domain="onnxgen.preview")], "g",
-                              inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-                              [weight] if constant else [])
+                              inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("onnxgen.preview", 1)])
-    feeds_ = {"x": x} if constant else {"x": x, "w": w}
-    (got,) = run_kernel(model, feeds_)
-    want = x.astype(BF16).astype(np.float64) @ w.astype(np.float64)
+    (got,) = run_kernel(model, as_initializers(model, {"x": x, "w": w}, ["w"] if constant else []))
+    tol = 1e-2 if dtype == BF16 else 1e-4
+    want = (x.astype(BF16) if dtype == BF16 else x).astype(np.float64) @ w.astype(np.float64)
     assert got.shape == (*shape[:-1], n) and got.dtype == np.float32
-    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * max(1.0, float(np.abs(want).max())))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max())))
 
 
 @pytest.mark.parametrize("constant", [True, False], ids=["packed-at-creation", "per-call"])
 @pytest.mark.parametrize("shape,n", [((1, 31), 15), ((17, 64), 300), ((2, 3, 100), 40)])
 def test_dense_bf16_linear(rng, shape, n, constant):
     check_dense(rng, shape, n, constant)
+
+
+@pytest.mark.parametrize("constant", [True, False], ids=["packed-at-creation", "per-call"])
+@pytest.mark.parametrize("shape,n", [((1, 31), 15), ((17, 300), 600), ((2, 3, 100), 40)])
+def test_dense_fp32(rng, shape, n, constant):
+    check_dense(rng, shape, n, constant, np.float32)
 
 
 def test_dense_bf16_linear_without_amx():
@@ -417,12 +427,24 @@ print("ok")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
+CONSTANT_SIZES = [(3, 96, 64), (70, 96, 72), (40, 96, 40), (9, 300, 280)]  # (tokens, hidden, intermediate)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
 def test_constant_expert_weights(rng, dtype, layout):
-    """Expert weights as initializers: bf16 ones are packed for the AMX tiles at session creation
-    (where the CPU has AMX; an intermediate size not a multiple of 16 takes the per-call path for
-    the up half), decode and prefill sizes."""
-    for tokens, inter in ((3, 64), (70, 72), (40, 40)):
-        check_moe(moe_inputs(rng, tokens, 96, 4, inter, dtype=dtype, gate_up_bias=True), constant_weights=True, k=2,
+    """Expert weights as initializers, packed at session creation (gemm.h's PackedMatrix): fp32
+    into column tiles of 256 read in place, bf16 into the AMX tile layout where the CPU has it.
+    Decode and prefill sizes; hidden 300 and intermediate 280 put tails on the 256-column tiles
+    (and on concatenated gate/up's second half, whose tiles start at 280) and run more than one
+    128-row panel of the streamed path."""
+    for tokens, hidden, inter in CONSTANT_SIZES:
+        check_moe(moe_inputs(rng, tokens, hidden, 4, inter, dtype=dtype, gate_up_bias=True), constant_weights=True, k=2,
                   gate_up_layout=layout)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16], ids=["fp32", "fp16", "bf16"])
+def test_constant_group_weights(rng, dtype):
+    """GroupedMatMul's weights as an initializer (packed as the experts' are), tails and panels."""
+    for m, k_dim, n in ((5, 300, 600), (40, 64, 129)):
+        check_grouped(grouped_inputs(rng, m, k_dim, 3, n, 2, True, dtype), constant_weights=True)

@@ -184,26 +184,5 @@ ONNXGEN_AMX inline void gemm_tile(const float* const* A, int64_t m, const uint16
   multiply(a, m, kp, b, n, C, ldc);
 }
 
-// Input `index` of a kernel being created, when it is a constant (an initializer) bf16 tensor of
-// rank `rank` and the CPU has AMX: its data and shape, for packing once.  Else data is null.
-struct ConstantWeights {
-  const uint16_t* data = nullptr;
-  std::vector<int64_t> shape;
-};
-
-inline ConstantWeights constant_weights(const OrtKernelInfo* info, size_t index, size_t rank) {
-  ConstantWeights w;
-  Ort::ConstKernelInfo ki(info);
-  if (!available() || ki.GetInputCount() <= index) return w;
-  int constant = 0;
-  Ort::ConstValue value = ki.GetTensorConstantInput(index, &constant);
-  if (!constant) return w;
-  auto type_shape = value.GetTensorTypeAndShapeInfo();
-  if (type_shape.GetElementType() != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16 || type_shape.GetShape().size() != rank) return w;
-  w.shape = type_shape.GetShape();
-  w.data = static_cast<const uint16_t*>(value.GetTensorRawData());
-  return w;
-}
-
 }  // namespace amx
 }  // namespace onnxgen

@@ -6,6 +6,7 @@
 #undef ORT_API_MANUAL_INIT
 
 #include <immintrin.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 
@@ -842,6 +843,46 @@ inline float* workspace(size_t slot, size_t n) {
   if (b.size < n) b.data.reset(new float[n + kLine]), b.size = n;
   const uintptr_t at = reinterpret_cast<uintptr_t>(b.data.get());
   return b.data.get() + (kLine - at / sizeof(float) % kLine) % kLine;
+}
+
+// `bytes` of memory for a long-lived buffer, aligned to a cache line, freed with std::free.  A
+// block of 2 MiB or more is aligned to 2 MiB and asked for huge pages (transparent huge pages
+// in "madvise" mode give none unless asked): two threads read one at 30 GB/s here, at 23 GB/s
+// in 4 KiB pages.
+inline void* huge_page_alloc(size_t bytes) {
+  constexpr size_t kHuge = size_t(2) << 20, kLine = 64;
+  const size_t align = bytes >= kHuge ? kHuge : kLine;
+  bytes = (bytes + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, std::max(bytes, align));
+  if (!p) throw std::bad_alloc();
+#ifdef MADV_HUGEPAGE
+  if (align == kHuge) madvise(p, bytes, MADV_HUGEPAGE);  // a hint: no huge pages is no error
+#endif
+  return p;
+}
+
+// ---- constant inputs ---------------------------------------------------------------------
+
+// Input `index` of a kernel being created, when it is a constant (an initializer): its data,
+// element type and shape, for re-laying out once.  data is null when it is not constant.
+struct ConstantInput {
+  const void* data = nullptr;
+  ONNXTensorElementDataType type = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  std::vector<int64_t> shape;
+};
+
+inline ConstantInput constant_input(const OrtKernelInfo* info, size_t index) {
+  ConstantInput c;
+  Ort::ConstKernelInfo ki(info);
+  if (ki.GetInputCount() <= index) return c;
+  int constant = 0;
+  Ort::ConstValue value = ki.GetTensorConstantInput(index, &constant);
+  if (!constant) return c;
+  auto type_shape = value.GetTensorTypeAndShapeInfo();
+  c.type = type_shape.GetElementType();
+  c.shape = type_shape.GetShape();
+  c.data = value.GetTensorRawData();
+  return c;
 }
 
 // ---- threads -----------------------------------------------------------------------------

@@ -6,11 +6,11 @@
 // converted once into fp32 (32 KiB, stays in L1) while every block of kMR rows of A runs over
 // it in 64-column slices (register-blocked: kMR rows x 64 columns of accumulators); the next
 // panel is prefetched (into L2) a few lines per micro-kernel iteration, so the memory traffic
-// overlaps the arithmetic.  (Reading fp32 weights in place instead of packing them measured
-// the same, so every type takes the one path.)  B's tile is read from memory
-// exactly once however many rows A has.
+// overlaps the arithmetic.  B's tile is read from memory exactly once however many rows A has.
 //
-// bf16 weights on a CPU with AMX take amx.h's tile path instead (A rounded to bf16).
+// Constant weights (initializers) are re-laid out once, when the session is created
+// (PackedWeights, at the end): fp32 into contiguous column tiles that gemm_streamed reads in
+// place, bf16 on a CPU with AMX into amx.h's tile layout (A rounded to bf16).
 //
 // Two micro-kernels: AVX-512 (6 rows x 4 zmm) chosen at run time when the CPU has it, and
 // the AVX2 + FMA baseline (6 rows x 2 ymm, four column slices).  ONNXGEN_NO_AVX512=1 forces
@@ -41,12 +41,11 @@ inline float* scratch(int slot, int64_t n) {
   return b.data();
 }
 
-// Columns per tile for a GEMM whose experts/groups have at most `rows` rows.  Wider tiles give
-// longer contiguous runs of each weight row (a 1-row GEMM over 277 MB of fp32 weights streamed
-// at 15 GB/s with 256 columns, 10 GB/s with 128; 64 was slower still), narrower ones deeper
-// panels (fewer reloads of C) and more items to share out.  512 measured no better than 256,
-// even for decode, so 256 throughout for now.
-inline int tile_columns(int64_t /*rows*/) { return 256; }
+// Columns per tile (one work item's share of B).  Wider tiles give longer contiguous runs of each
+// weight row (a 1-row GEMM over 277 MB of fp32 weights streamed at 15 GB/s with 256 columns,
+// 10 GB/s with 128; 64 was slower still), narrower ones deeper panels (fewer reloads of C) and
+// more items to share out.  512 measured no better than 256, even for decode.
+constexpr int64_t kTileColumns = 256;
 
 // P[kk, 0:ldp] = float(B[kk, 0:n]) (zero beyond n) for kk < kc.
 inline void pack_panel(const char* B, DType bt, int64_t ldb_bytes, int64_t kc, int n, float* P, int64_t ldp) {
@@ -199,16 +198,142 @@ inline void gemm_tile(const float* const* A, int64_t m, const void* B, DType bt,
   }
 }
 
-// gemm_tile over a weight matrix packed once by amx::pack_columns (all its columns, K deep):
-// the tile's columns start at `col`, a multiple of 16.  A's rows are staged per call.
-inline void gemm_tile_packed(const float* const* A, int64_t m, const uint16_t* packed, int64_t K, int64_t col, int n,
-                             float* C, int64_t ldc) {
-  if (m <= 0 || n <= 0) return;
-  const int64_t kp = amx::depth(K), mp = amx::rows_padded(m);
-  uint16_t* a = amx::scratch16(0, mp * kp);
-  amx::stage_rows(A, m, K, mp, kp, a);
-  amx::multiply(a, m, kp, packed + (col / 16) * kp * 16, n, C, ldc);
+// ---- constant weights, re-laid out once when the session is created ----------------------
+
+constexpr int64_t kStreamPanel = 64;  // rows of a streamed tile per panel (64 KiB: stays in L2)
+
+// C[r, 0:n] = sum_k A[r][k] * T[k, 0:n] for r < m, where T is one column tile of PackedWeights:
+// K rows of kTileColumns fp32, contiguous and 64-byte aligned.  The micro-kernels read it in
+// place, a panel at a time, while the next panel is prefetched (into L2) a few lines per step;
+// during the last panel, the first one of `after` (the tile that follows in memory, which the
+// calling thread's next item reads; null for none).
+inline void gemm_streamed(const float* const* A, int64_t m, const float* T, int64_t K, int n, float* C, int64_t ldc,
+                          const float* after) {
+  constexpr int64_t ldp = kTileColumns;
+  const int64_t blocks = (m + kMR - 1) / kMR, slices = (n + kNR - 1) / kNR;
+  for (int64_t kb = 0; kb < K; kb += kStreamPanel) {
+    const int64_t kc = std::min(kStreamPanel, K - kb), next = kb + kStreamPanel;
+    const float* ahead = next < K ? T + next * ldp : after;
+    Prefetch pf;  // one contiguous run of lines
+    if (ahead) {
+      pf.pf = reinterpret_cast<const char*>(ahead);
+      pf.stride = 64;
+      pf.rows = (next < K ? std::min(kStreamPanel, K - next) : std::min(kStreamPanel, K)) * ldp * 4 / 64;
+      pf.lines = 1;
+      const int64_t steps = blocks * slices * kc;
+      pf.per_step = int((pf.rows + steps - 1) / steps);
+    }
+    for (int c0 = 0; c0 < n; c0 += kNR) {
+      const int nc = std::min(kNR, n - c0);
+      for (int64_t r0 = 0; r0 < m; r0 += kMR) {
+        const int rows = int(std::min<int64_t>(kMR, m - r0));
+        micro_kernel(rows)(A + r0, kb, T + kb * ldp + c0, ldp, kc, C + r0 * ldc + c0, ldc, nc, kb > 0, pf);
+      }
+    }
+  }
 }
+
+// Constant weights (an initializer): `count` matrices B[g] [K, N] (MoE's experts, GroupedMatMul's
+// groups; one for a dense layer), re-laid out once when the session is created so that every
+// call reads them at full speed:
+//  * fp32: column tiles of kTileColumns, each tile's K rows contiguous (zero padded to the full
+//    width), all in one block of huge pages where the kernel gives them.  An item's weights are
+//    then one contiguous run that gemm_streamed reads in place; in B's own layout they are 1 KiB
+//    pieces a row apart, which the hardware prefetchers do not follow (a Mixtral-sized expert
+//    layer, 16 rows per expert, streamed at 12 GB/s there and 18 GB/s here).  The tiles lie in
+//    the order the items read them, so each item can prefetch the next one's start: per matrix,
+//    left to right, except that with `split` (concatenated gate/up weights: the up half starts
+//    at N / 2) the two halves' tiles alternate, gate 0, up 0, gate 1, ...
+//  * bf16 on a CPU with AMX: the tile unit's layout over all N columns (amx::pack_columns).
+//  * other types stay as they are (fits() is false): gemm_tile converts them on the fly.
+// The packed copy holds the weights' bytes once more, for the session's life.
+class PackedWeights {
+ public:
+  PackedWeights() = default;
+  PackedWeights(const void* B, DType type, int64_t count, int64_t K, int64_t N, bool split = false)
+      : count_(count), K_(K), N_(N), half_(split ? N / 2 : 0) {
+    if (count <= 0 || (split && N % 2)) return;
+    if (type == DType::f32) {
+      pack_tiles(static_cast<const float*>(B));
+    } else if (type == DType::bf16 && amx::available()) {
+      amx_.resize(size_t(count * amx::packed_size(K, N)));
+      for (int64_t g = 0; g < count; ++g)
+        amx::pack_columns(static_cast<const uint16_t*>(B) + g * K * N, N, K, int(N), amx::depth(K), amx_columns(g));
+    }
+  }
+
+  // Input `index` of a kernel being created, packed when it is a constant of one of the types
+  // above with `rank` dims ([K, N], or [count, K, N] for rank 3).
+  static PackedWeights constant(const OrtKernelInfo* info, size_t index, size_t rank, bool split = false) {
+    const ConstantInput w = constant_input(info, index);
+    if (!w.data || w.shape.size() != rank) return {};
+    if (w.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && w.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return {};
+    const DType type = w.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? DType::f32 : DType::bf16;
+    const int64_t count = rank == 3 ? w.shape[0] : 1;
+    return PackedWeights(w.data, type, count, w.shape[rank - 2], w.shape[rank - 1], split);
+  }
+
+  bool fits(int64_t count, int64_t K, int64_t N) const {
+    return (tiles_ || !amx_.empty()) && count == count_ && K == K_ && N == N_;
+  }
+  uint16_t* amx_columns(int64_t g) { return amx_.data() + g * amx::packed_size(K_, N_); }
+  const uint16_t* amx_columns(int64_t g) const { return amx_.empty() ? nullptr : amx_.data() + g * amx::packed_size(K_, N_); }
+
+  // C[0:m, 0:n] = A[0:m, 0:K] @ B[g][:, col:col + n] if the packed form holds that column range
+  // as one piece (a tile's start, n within the tile; for AMX a multiple of 16); else false, and
+  // the caller runs gemm_tile on B itself.
+  bool multiply(int64_t g, const float* const* A, int64_t m, int64_t col, int n, float* C, int64_t ldc) const {
+    if (m <= 0 || n <= 0) return true;
+    if (tiles_) {
+      const int64_t index = K_ > 0 ? tile_index(col, n) : -1;  // gemm_tile zero-fills for K = 0
+      if (index < 0) return false;
+      const int64_t size = K_ * kTileColumns, total = count_ * per_matrix();
+      const int64_t at = g * per_matrix() + index;
+      gemm_streamed(A, m, tiles_.get() + at * size, K_, n, C, ldc, at + 1 < total ? tiles_.get() + (at + 1) * size : nullptr);
+      return true;
+    }
+    if (amx_.empty() || col % 16) return false;
+    const int64_t kp = amx::depth(K_), mp = amx::rows_padded(m);
+    uint16_t* a = amx::scratch16(0, mp * kp);
+    amx::stage_rows(A, m, K_, mp, kp, a);
+    amx::multiply(a, m, kp, amx_columns(g) + (col / 16) * kp * 16, n, C, ldc);
+    return true;
+  }
+
+ private:
+  int64_t tiles_per_half() const { return (half_ + kTileColumns - 1) / kTileColumns; }
+  int64_t per_matrix() const { return half_ ? 2 * tiles_per_half() : (N_ + kTileColumns - 1) / kTileColumns; }
+
+  // The position within a matrix of the tile that starts at column `col` and holds n columns, or -1.
+  int64_t tile_index(int64_t col, int64_t n) const {
+    if (!half_) return col % kTileColumns || col + n > std::min(N_, col + kTileColumns) ? -1 : col / kTileColumns;
+    const int64_t up = col >= half_, offset = col - up * half_;
+    if (offset % kTileColumns || offset + n > std::min(half_, offset + kTileColumns)) return -1;
+    return 2 * (offset / kTileColumns) + up;
+  }
+
+  void pack_tiles(const float* B) {
+    const int64_t size = K_ * kTileColumns;
+    tiles_.reset(static_cast<float*>(huge_page_alloc(size_t(count_ * per_matrix() * size) * 4)));
+    // Each tile: from its first column to the end of its half (or of B), at most a tile.
+    for (int64_t g = 0; g < count_; ++g)
+      for (int64_t index = 0; index < per_matrix(); ++index) {
+        const int64_t first = half_ ? (index / 2) * kTileColumns + (index % 2) * half_ : index * kTileColumns;
+        const int64_t end = half_ && index % 2 == 0 ? half_ : N_;
+        const int64_t n = std::min(kTileColumns, end - first);
+        float* t = tiles_.get() + (g * per_matrix() + index) * size;
+        const float* b = B + g * K_ * N_ + first;
+        for (int64_t k = 0; k < K_; ++k) {
+          std::memcpy(t + k * kTileColumns, b + k * N_, size_t(n) * 4);
+          std::memset(t + k * kTileColumns + n, 0, size_t(kTileColumns - n) * 4);
+        }
+      }
+  }
+
+  int64_t count_ = 0, K_ = 0, N_ = 0, half_ = 0;
+  std::unique_ptr<float, void (*)(void*)> tiles_{nullptr, std::free};
+  std::vector<uint16_t> amx_;
+};
 
 }  // namespace gemm
 }  // namespace onnxgen

@@ -1,13 +1,14 @@
 // GroupedMatMul on the CPU: output[m, j] = input[m] @ weights[g] (+ bias[g]), g = group_indices[m, j].
 //
-// The (m, j) rows are grouped by g, then one parallel pass over (group, 64-column tile) items
-// runs the GEMM core (gemm.h): each group's weights stream from memory once per call.
+// The (m, j) rows are grouped by g, then one parallel pass over (group, column tile) items runs
+// the GEMM core (gemm.h): each group's weights stream from memory once per call.  Constant
+// weights (fp32, or bf16 on an AMX CPU) are packed once, when the kernel is created
+// (gemm::PackedWeights).
 //
 // Dense form, private to onnxgen.passes.bf16_linear (a session-time rewrite, never in a model
 // file): a node with no group_indices is a linear layer, output = input @ weights with weights
 // [K, N] of any float type (bf16 in practice) and input [..., K]: output [..., N] in the input's
-// type.  Constant bf16 weights on an AMX CPU are packed into the tile layout once, when the
-// kernel is created; each call then streams only the packed weights.
+// type.
 #include <algorithm>
 #include <vector>
 
@@ -20,16 +21,11 @@ namespace {
 constexpr const char* kOp = "GroupedMatMul";
 
 struct GroupedMatMulKernel : KernelBase<GroupedMatMulKernel> {
-  std::vector<uint16_t> packed;  // dense form: constant bf16 weights in AMX tile layout
-  int64_t packed_k = 0, packed_n = 0;
+  gemm::PackedWeights packed;  // constant weights, packed once (when packable)
 
   explicit GroupedMatMulKernel(const OrtKernelInfo* info) {
-    if (Ort::ConstKernelInfo(info).GetInputCount() != 2) return;  // only the dense form packs
-    const amx::ConstantWeights w = amx::constant_weights(info, 1, 2);
-    if (!w.data) return;
-    packed_k = w.shape[0], packed_n = w.shape[1];
-    packed.resize(size_t(amx::packed_size(packed_k, packed_n)));
-    amx::pack_columns(w.data, packed_n, packed_k, int(packed_n), amx::depth(packed_k), packed.data());
+    const bool dense = Ort::ConstKernelInfo(info).GetInputCount() == 2;
+    packed = gemm::PackedWeights::constant(info, 1, dense ? 2 : 3);
   }
 
   void Compute(Ort::KernelContext& ctx) {
@@ -60,20 +56,23 @@ struct GroupedMatMulKernel : KernelBase<GroupedMatMulKernel> {
     std::vector<const float*> rows(static_cast<size_t>(M));
     for (int64_t r = 0; r < M; ++r) rows[size_t(r)] = xs + r * K;
     float* c = T == DType::f32 ? reinterpret_cast<float*>(out) : gemm::scratch(0, M * N);
-    const int64_t tile = gemm::tile_columns(M), tiles = (N + tile - 1) / tile;
-    if (!packed.empty() && packed_k == K && packed_n == N) {
+    constexpr int64_t tile = gemm::kTileColumns;
+    const int64_t tiles = (N + tile - 1) / tile;
+    const bool is_packed = packed.fits(1, K, N);
+    if (is_packed && packed.amx_columns(0)) {  // A's rows staged once for every item
       const int64_t kp = amx::depth(K), mp = amx::rows_padded(M);
       uint16_t* a = amx::scratch16(0, mp * kp);  // this thread's; the items only read it
       amx::stage_rows(rows.data(), M, K, mp, kp, a);
       parallel_for(ctx, size_t(tiles), [&](size_t item) {
         const int64_t c0 = int64_t(item) * tile, nc = std::min<int64_t>(tile, N - c0);
-        amx::multiply(a, M, kp, packed.data() + (c0 / 16) * kp * 16, int(nc), c + c0, N);
+        amx::multiply(a, M, kp, packed.amx_columns(0) + (c0 / 16) * kp * 16, int(nc), c + c0, N);
       });
     } else {
       const size_t es = dtype_size(WT);
       parallel_for(ctx, size_t(tiles), [&](size_t item) {
         const int64_t c0 = int64_t(item) * tile, nc = std::min<int64_t>(tile, N - c0);
-        gemm::gemm_tile(rows.data(), M, static_cast<const char*>(w.data) + size_t(c0) * es, WT, N, K, int(nc), c + c0, N);
+        if (!is_packed || !packed.multiply(0, rows.data(), M, c0, int(nc), c + c0, N))
+          gemm::gemm_tile(rows.data(), M, static_cast<const char*>(w.data) + size_t(c0) * es, WT, N, K, int(nc), c + c0, N);
       });
     }
     if (T != DType::f32)
@@ -151,14 +150,15 @@ struct GroupedMatMulKernel : KernelBase<GroupedMatMulKernel> {
     const size_t es = dtype_size(T);
     const char* wd = static_cast<const char*>(w.data);
     float* obuf = gemm::scratch(0, rows * N);
-    int64_t most_rows = 0;
-    for (int64_t g : active) most_rows = std::max(most_rows, start[g + 1] - start[g]);
-    const int64_t tile = gemm::tile_columns(most_rows), tiles = (N + tile - 1) / tile;
+    constexpr int64_t tile = gemm::kTileColumns;
+    const int64_t tiles = (N + tile - 1) / tile;
+    const bool is_packed = packed.fits(G, K, N);
     parallel_for(ctx, size_t(int64_t(active.size()) * tiles), [&](size_t item) {
       const int64_t g = active[item / tiles], c0 = int64_t(item % tiles) * tile;
       const int64_t r0 = start[g], m = start[g + 1] - r0, nc = std::min<int64_t>(tile, N - c0);
       float* o = obuf + r0 * N + c0;
-      gemm::gemm_tile(arows.data() + r0, m, wd + (size_t(g) * K * N + c0) * es, T, N, K, int(nc), o, N);
+      if (!is_packed || !packed.multiply(g, arows.data() + r0, m, c0, int(nc), o, N))
+        gemm::gemm_tile(arows.data() + r0, m, wd + (size_t(g) * K * N + c0) * es, T, N, K, int(nc), o, N);
       if (!b32.empty())
         for (int64_t r = 0; r < m; ++r)
           for (int64_t j = 0; j < nc; ++j) o[r * N + j] += b32[g * N + c0 + j];

@@ -4,7 +4,8 @@
 //   1. h = x @ gate_up_weights[e] (+ bias) per tile, then the activation of that tile -> a
 //   2. o = a @ down_weights[e] (+ bias) per tile of H
 // and a last pass sums each token's k rows (weighted when weight_position="output").
-// fp16/bf16 weights are converted while packed; all arithmetic is fp32.
+// fp16/bf16 weights are converted while packed; all arithmetic is fp32.  Constant weights are
+// re-laid out once, when the session is created (gemm::PackedWeights).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -254,29 +255,13 @@ void activate(Act act, bool gated, float alpha, float limit, const float* gate, 
 
 // ---- the kernel ---------------------------------------------------------------------------
 
-// Constant bf16 expert weights [E, K, N] packed per expert into AMX tile layout, once.
-struct PackedExperts {
-  std::vector<std::vector<uint16_t>> experts;
-  int64_t k = 0, n = 0;
-  bool fits(int64_t E, int64_t K, int64_t N) const { return int64_t(experts.size()) == E && k == K && n == N; }
-  const uint16_t* operator[](int64_t e) const { return experts[size_t(e)].data(); }
-
-  PackedExperts(const OrtKernelInfo* info, size_t input) {
-    const amx::ConstantWeights w = amx::constant_weights(info, input, 3);
-    if (!w.data) return;
-    k = w.shape[1], n = w.shape[2];
-    experts.resize(size_t(w.shape[0]));
-    for (int64_t e = 0; e < w.shape[0]; ++e) {
-      experts[size_t(e)].resize(size_t(amx::packed_size(k, n)));
-      amx::pack_columns(w.data + e * k * n, n, k, int(n), amx::depth(k), experts[size_t(e)].data());
-    }
-  }
-};
-
 struct MoEKernel : KernelBase<MoEKernel> {
   Attributes attrs;
-  PackedExperts gate_up, down;  // empty unless the weights are constant bf16 and the CPU has AMX
-  explicit MoEKernel(const OrtKernelInfo* info) : attrs(info), gate_up(info, 2), down(info, 4) {}
+  gemm::PackedWeights gate_up, down;  // packed when the weights are constant (and packable)
+  explicit MoEKernel(const OrtKernelInfo* info)
+      : attrs(info),
+        gate_up(gemm::PackedWeights::constant(info, 2, 3, attrs.gated && attrs.layout == "concatenated")),
+        down(gemm::PackedWeights::constant(info, 4, 3)) {}
 
   void Compute(Ort::KernelContext& ctx) {
     const Attributes& a = attrs;
@@ -417,9 +402,7 @@ struct MoEKernel : KernelBase<MoEKernel> {
     const bool packed_gate_up = gate_up.fits(E, hidden, n1), packed_down = down.fits(E, inter, hidden);
     const char* w1 = static_cast<const char*>(gu.data);
     const char* w2 = static_cast<const char*>(dw.data);
-    int64_t most_rows = 0;
-    for (int64_t e : active) most_rows = std::max(most_rows, start[e + 1] - start[e]);
-    const int64_t kTile = gemm::tile_columns(most_rows);
+    constexpr int64_t kTile = gemm::kTileColumns;
 
     // 3. gate/up GEMM + activation: items (expert, tile of activation columns).
     float* hbuf = gemm::scratch(1, rows * n1);
@@ -434,9 +417,7 @@ struct MoEKernel : KernelBase<MoEKernel> {
       float* h = hbuf + r0 * n1;
       // The B column ranges of this item: [first, first + width) (and the up half when concatenated).
       auto run = [&](int64_t col, int64_t width) {
-        if (packed_gate_up && col % 16 == 0)
-          gemm::gemm_tile_packed(xrows.data() + r0, m, gate_up[e], hidden, col, int(width), h + col, n1);
-        else
+        if (!packed_gate_up || !gate_up.multiply(e, xrows.data() + r0, m, col, int(width), h + col, n1))
           gemm::gemm_tile(xrows.data() + r0, m, we + col * ws, T, n1, hidden, int(width), h + col, n1);
         if (!bias1.empty())
           for (int64_t r = 0; r < m; ++r)
@@ -476,9 +457,7 @@ struct MoEKernel : KernelBase<MoEKernel> {
       const int64_t r0 = start[e], m = start[e + 1] - r0;
       const int64_t c0 = tile * kTile, nc = std::min<int64_t>(kTile, hidden - c0);
       float* o = obuf + r0 * hidden + c0;
-      if (packed_down && c0 % 16 == 0)
-        gemm::gemm_tile_packed(arows.data() + r0, m, down[e], inter, c0, int(nc), o, hidden);
-      else
+      if (!packed_down || !down.multiply(e, arows.data() + r0, m, c0, int(nc), o, hidden))
         gemm::gemm_tile(arows.data() + r0, m, w2 + (size_t(e) * inter * hidden + c0) * ws, T, hidden, inter, int(nc), o,
                         hidden);
       if (!bias2.empty())
