@@ -201,7 +201,8 @@ print("ok")
 
 def test_no_amx_matches(tmp_path):
     """bf16 weights without the AMX tile path (ONNXGEN_NO_AMX=1: the AVX-512 micro-kernel over
-    weights widened to fp32), in a fresh process: MoE and GroupedMatMul."""
+    weights widened to fp32; constant ones packed into column tiles), in a fresh process: MoE and
+    GroupedMatMul."""
     script = f"""
 import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
 import numpy as np
@@ -209,6 +210,9 @@ import test_kernels_moe as t
 rng = np.random.default_rng(11)
 t.check_moe(t.moe_inputs(rng, 70, 200, 8, 136, dtype=t.BF16, gate_up_bias=True, down_bias=True), k=2)
 t.check_grouped(t.grouped_inputs(rng, 37, 150, 3, 70, 2, True, t.BF16))
+for tokens, hidden, inter in t.CONSTANT_SIZES:
+    t.check_moe(t.moe_inputs(rng, tokens, hidden, 4, inter, dtype=t.BF16), constant_weights=True, k=2)
+t.check_grouped(t.grouped_inputs(rng, 5, 300, 3, 600, 2, True, t.BF16), constant_weights=True)
 print("ok")
 """
     env = {**os.environ, "ONNXGEN_NO_AMX": "1"}
@@ -430,11 +434,12 @@ print("ok")
 CONSTANT_SIZES = [(3, 96, 64), (70, 96, 72), (40, 96, 40), (9, 300, 280)]  # (tokens, hidden, intermediate)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, BF16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("layout", ["concatenated", "interleaved"])
 def test_constant_expert_weights(rng, dtype, layout):
-    """Expert weights as initializers, packed at session creation (gemm.h's PackedMatrix): fp32
-    into column tiles of 256 read in place, bf16 into the AMX tile layout where the CPU has it.
+    """Expert weights as initializers, packed at session creation (gemm.h's PackedWeights): fp32
+    into column tiles of 256 read in place, fp16 into such tiles in fp16, bf16 into the AMX tile
+    layout where the CPU has it (else tiles, as fp16; test_no_amx_matches).
     Decode and prefill sizes; hidden 300 and intermediate 280 put tails on the 256-column tiles
     (and on concatenated gate/up's second half, whose tiles start at 280) and run more than one
     128-row panel of the streamed path."""

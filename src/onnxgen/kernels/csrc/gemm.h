@@ -244,31 +244,37 @@ inline void gemm_streamed(const float* const* A, int64_t m, const float* T, int6
 //    the order the items read them, so each item can prefetch the next one's start: per matrix,
 //    left to right, except that with `split` (concatenated gate/up weights: the up half starts
 //    at N / 2) the two halves' tiles alternate, gate 0, up 0, gate 1, ...
+//    fp16 (and bf16 without AMX) are tiled alike, in their own type, and gemm_tile converts a
+//    panel at a time from the contiguous tile.
 //  * bf16 on a CPU with AMX: the tile unit's layout over all N columns (amx::pack_columns).
-//  * other types stay as they are (fits() is false): gemm_tile converts them on the fly.
 // The packed copy holds the weights' bytes once more, for the session's life.
 class PackedWeights {
  public:
   PackedWeights() = default;
   PackedWeights(const void* B, DType type, int64_t count, int64_t K, int64_t N, bool split = false)
-      : count_(count), K_(K), N_(N), half_(split ? N / 2 : 0) {
+      : type_(type), count_(count), K_(K), N_(N), half_(split ? N / 2 : 0) {
     if (count <= 0 || (split && N % 2)) return;
-    if (type == DType::f32) {
-      pack_tiles(static_cast<const float*>(B));
-    } else if (type == DType::bf16 && amx::available()) {
+    if (type != DType::bf16 || !amx::available()) {
+      pack_tiles(static_cast<const char*>(B));
+    } else {
       amx_.resize(size_t(count * amx::packed_size(K, N)));
       for (int64_t g = 0; g < count; ++g)
         amx::pack_columns(static_cast<const uint16_t*>(B) + g * K * N, N, K, int(N), amx::depth(K), amx_columns(g));
     }
   }
 
-  // Input `index` of a kernel being created, packed when it is a constant of one of the types
-  // above with `rank` dims ([K, N], or [count, K, N] for rank 3).
+  // Input `index` of a kernel being created, packed when it is a constant float tensor with
+  // `rank` dims ([K, N], or [count, K, N] for rank 3).
   static PackedWeights constant(const OrtKernelInfo* info, size_t index, size_t rank, bool split = false) {
     const ConstantInput w = constant_input(info, index);
     if (!w.data || w.shape.size() != rank) return {};
-    if (w.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && w.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16) return {};
-    const DType type = w.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? DType::f32 : DType::bf16;
+    DType type;
+    switch (w.type) {
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: type = DType::f32; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: type = DType::f16; break;
+      case ONNX_TENSOR_ELEMENT_DATA_TYPE_BFLOAT16: type = DType::bf16; break;
+      default: return {};
+    }
     const int64_t count = rank == 3 ? w.shape[0] : 1;
     return PackedWeights(w.data, type, count, w.shape[rank - 2], w.shape[rank - 1], split);
   }
@@ -287,9 +293,15 @@ class PackedWeights {
     if (tiles_) {
       const int64_t index = K_ > 0 ? tile_index(col, n) : -1;  // gemm_tile zero-fills for K = 0
       if (index < 0) return false;
-      const int64_t size = K_ * kTileColumns, total = count_ * per_matrix();
+      const int64_t size = K_ * kTileColumns * int64_t(dtype_size(type_)), total = count_ * per_matrix();
       const int64_t at = g * per_matrix() + index;
-      gemm_streamed(A, m, tiles_.get() + at * size, K_, n, C, ldc, at + 1 < total ? tiles_.get() + (at + 1) * size : nullptr);
+      const char* tile = tiles_.get() + at * size;
+      if (type_ != DType::f32) {
+        gemm_tile(A, m, tile, type_, kTileColumns, K_, n, C, ldc);
+        return true;
+      }
+      const char* after = at + 1 < total ? tile + size : nullptr;
+      gemm_streamed(A, m, reinterpret_cast<const float*>(tile), K_, n, C, ldc, reinterpret_cast<const float*>(after));
       return true;
     }
     if (amx_.empty() || col % 16) return false;
@@ -312,26 +324,27 @@ class PackedWeights {
     return 2 * (offset / kTileColumns) + up;
   }
 
-  void pack_tiles(const float* B) {
-    const int64_t size = K_ * kTileColumns;
-    tiles_.reset(static_cast<float*>(huge_page_alloc(size_t(count_ * per_matrix() * size) * 4)));
+  void pack_tiles(const char* B) {
+    const int64_t es = int64_t(dtype_size(type_)), size = K_ * kTileColumns * es;
+    tiles_.reset(static_cast<char*>(huge_page_alloc(size_t(count_ * per_matrix() * size))));
     // Each tile: from its first column to the end of its half (or of B), at most a tile.
     for (int64_t g = 0; g < count_; ++g)
       for (int64_t index = 0; index < per_matrix(); ++index) {
         const int64_t first = half_ ? (index / 2) * kTileColumns + (index % 2) * half_ : index * kTileColumns;
         const int64_t end = half_ && index % 2 == 0 ? half_ : N_;
         const int64_t n = std::min(kTileColumns, end - first);
-        float* t = tiles_.get() + (g * per_matrix() + index) * size;
-        const float* b = B + g * K_ * N_ + first;
+        char* t = tiles_.get() + (g * per_matrix() + index) * size;
+        const char* b = B + (g * K_ * N_ + first) * es;
         for (int64_t k = 0; k < K_; ++k) {
-          std::memcpy(t + k * kTileColumns, b + k * N_, size_t(n) * 4);
-          std::memset(t + k * kTileColumns + n, 0, size_t(kTileColumns - n) * 4);
+          std::memcpy(t + k * kTileColumns * es, b + k * N_ * es, size_t(n * es));
+          std::memset(t + (k * kTileColumns + n) * es, 0, size_t((kTileColumns - n) * es));
         }
       }
   }
 
+  DType type_ = DType::f32;
   int64_t count_ = 0, K_ = 0, N_ = 0, half_ = 0;
-  std::unique_ptr<float, void (*)(void*)> tiles_{nullptr, std::free};
+  std::unique_ptr<char, void (*)(void*)> tiles_{nullptr, std::free};
   std::vector<uint16_t> amx_;
 };
 

@@ -2,8 +2,7 @@
 //
 // The (m, j) rows are grouped by g, then one parallel pass over (group, column tile) items runs
 // the GEMM core (gemm.h): each group's weights stream from memory once per call.  Constant
-// weights (fp32, or bf16 on an AMX CPU) are packed once, when the kernel is created
-// (gemm::PackedWeights).
+// weights are packed once, when the kernel is created (gemm::PackedWeights).
 //
 // Dense form, private to onnxgen.passes.bf16_linear (a session-time rewrite, never in a model
 // file): a node with no group_indices is a linear layer, output = input @ weights with weights
