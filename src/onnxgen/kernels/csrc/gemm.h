@@ -9,8 +9,8 @@
 // overlaps the arithmetic.  B's tile is read from memory exactly once however many rows A has.
 //
 // Constant weights (initializers) are re-laid out once, when the session is created
-// (PackedWeights, at the end): fp32 into contiguous column tiles that gemm_streamed reads in
-// place, bf16 on a CPU with AMX into amx.h's tile layout (A rounded to bf16).
+// (PackedWeights, at the end): into contiguous column tiles (fp32 ones gemm_streamed reads in
+// place), or bf16 on a CPU with AMX into amx.h's tile layout (A rounded to bf16).
 //
 // Two micro-kernels: AVX-512 (6 rows x 4 zmm) chosen at run time when the CPU has it, and
 // the AVX2 + FMA baseline (6 rows x 2 ymm, four column slices).  ONNXGEN_NO_AVX512=1 forces
@@ -62,6 +62,12 @@ struct Prefetch {
   const char* pf = nullptr;
   int64_t stride = 0, rows = 0, row = 0;
   int lines = 0, line = 0, per_step = 0;
+
+  Prefetch() = default;
+  // `rows` runs of `lines` lines from `from`, spread over `steps` micro-kernel iterations.
+  Prefetch(const void* from, int64_t stride, int64_t rows, int lines, int64_t steps)
+      : pf(static_cast<const char*>(from)), stride(stride), rows(rows), lines(lines),
+        per_step(int((rows * lines + steps - 1) / steps)) {}
   inline void step() {
     for (int i = 0; i < per_step && row < rows; ++i) {
       _mm_prefetch(pf + row * stride + 64 * line, _MM_HINT_T1);
@@ -155,6 +161,22 @@ inline MicroKernel micro_kernel(int rows) {
   return has_avx512() ? wide[rows] : narrow[rows];
 }
 
+// Micro-kernel iterations of one panel: blocks of rows x 64-column slices x its kc rows.
+inline int64_t panel_steps(int64_t m, int n, int64_t kc) { return (m + kMR - 1) / kMR * ((n + kNR - 1) / kNR) * kc; }
+
+// C[r, 0:n] (+)= sum_kk A[r][kb + kk] * P[kk, 0:n] for r < m, kk < kc (accumulating after the first
+// panel, kb > 0): 64-column slices, each run over every block of kMR rows while it is in L1.
+inline void multiply_panel(const float* const* A, int64_t m, int64_t kb, const float* P, int64_t ldp, int64_t kc, int n,
+                           float* C, int64_t ldc, Prefetch& pf) {
+  for (int c0 = 0; c0 < n; c0 += kNR) {
+    const int nc = std::min(kNR, n - c0);
+    for (int64_t r0 = 0; r0 < m; r0 += kMR) {
+      const int rows = int(std::min<int64_t>(kMR, m - r0));
+      micro_kernel(rows)(A + r0, kb, P + c0, ldp, kc, C + r0 * ldc + c0, ldc, nc, kb > 0, pf);
+    }
+  }
+}
+
 // C[r, 0:n] = sum_k A[r][k] * B[k, 0:n] for r < m, k < K.  B points at the tile's first column
 // (element type bt, row stride ldb elements), n <= kMaxNT; C has row stride ldc.
 inline void gemm_tile(const float* const* A, int64_t m, const void* B, DType bt, int64_t ldb, int64_t K, int n,
@@ -174,27 +196,14 @@ inline void gemm_tile(const float* const* A, int64_t m, const void* B, DType bt,
   const int64_t es = int64_t(dtype_size(bt));
   const int64_t ldb_bytes = ldb * es;
   const char* b = static_cast<const char*>(B);
-  const int64_t blocks = (m + kMR - 1) / kMR, slices = ldp / kNR;
   for (int64_t kb = 0; kb < K; kb += kc_max) {
-    const int64_t kc = std::min(kc_max, K - kb);
+    const int64_t kc = std::min(kc_max, K - kb), next = kb + kc_max;
     pack_panel(b + kb * ldb_bytes, bt, ldb_bytes, kc, n, P, ldp);
-    Prefetch pf;  // the next panel, spread over every micro-kernel call on this one
-    const int64_t next = kb + kc_max;
-    if (next < K) {
-      pf.pf = b + next * ldb_bytes;
-      pf.stride = ldb_bytes;
-      pf.rows = std::min(kc_max, K - next);
-      pf.lines = int((n * es + 63) / 64);
-      const int64_t steps = blocks * slices * kc;
-      pf.per_step = int((pf.rows * pf.lines + steps - 1) / steps);
-    }
-    for (int c0 = 0; c0 < n; c0 += kNR) {
-      const int nc = std::min(kNR, n - c0);
-      for (int64_t r0 = 0; r0 < m; r0 += kMR) {
-        const int rows = int(std::min<int64_t>(kMR, m - r0));
-        micro_kernel(rows)(A + r0, kb, P + c0, ldp, kc, C + r0 * ldc + c0, ldc, nc, kb > 0, pf);
-      }
-    }
+    Prefetch pf;  // the next panel's rows, spread over every micro-kernel call on this one
+    if (next < K)
+      pf = Prefetch(b + next * ldb_bytes, ldb_bytes, std::min(kc_max, K - next), int((n * es + 63) / 64),
+                    panel_steps(m, n, kc));
+    multiply_panel(A, m, kb, P, ldp, kc, n, C, ldc, pf);
   }
 }
 
@@ -210,26 +219,13 @@ constexpr int64_t kStreamPanel = 64;  // rows of a streamed tile per panel (64 K
 inline void gemm_streamed(const float* const* A, int64_t m, const float* T, int64_t K, int n, float* C, int64_t ldc,
                           const float* after) {
   constexpr int64_t ldp = kTileColumns;
-  const int64_t blocks = (m + kMR - 1) / kMR, slices = (n + kNR - 1) / kNR;
   for (int64_t kb = 0; kb < K; kb += kStreamPanel) {
     const int64_t kc = std::min(kStreamPanel, K - kb), next = kb + kStreamPanel;
     const float* ahead = next < K ? T + next * ldp : after;
-    Prefetch pf;  // one contiguous run of lines
-    if (ahead) {
-      pf.pf = reinterpret_cast<const char*>(ahead);
-      pf.stride = 64;
-      pf.rows = (next < K ? std::min(kStreamPanel, K - next) : std::min(kStreamPanel, K)) * ldp * 4 / 64;
-      pf.lines = 1;
-      const int64_t steps = blocks * slices * kc;
-      pf.per_step = int((pf.rows + steps - 1) / steps);
-    }
-    for (int c0 = 0; c0 < n; c0 += kNR) {
-      const int nc = std::min(kNR, n - c0);
-      for (int64_t r0 = 0; r0 < m; r0 += kMR) {
-        const int rows = int(std::min<int64_t>(kMR, m - r0));
-        micro_kernel(rows)(A + r0, kb, T + kb * ldp + c0, ldp, kc, C + r0 * ldc + c0, ldc, nc, kb > 0, pf);
-      }
-    }
+    const int64_t ahead_rows = std::min(kStreamPanel, next < K ? K - next : K);
+    Prefetch pf;  // the rows ahead are one contiguous run: one line per "row"
+    if (ahead) pf = Prefetch(ahead, 64, ahead_rows * ldp * 4 / 64, 1, panel_steps(m, n, kc));
+    multiply_panel(A, m, kb, T + kb * ldp, ldp, kc, n, C, ldc, pf);
   }
 }
 
@@ -259,7 +255,8 @@ class PackedWeights {
     } else {
       amx_.resize(size_t(count * amx::packed_size(K, N)));
       for (int64_t g = 0; g < count; ++g)
-        amx::pack_columns(static_cast<const uint16_t*>(B) + g * K * N, N, K, int(N), amx::depth(K), amx_columns(g));
+        amx::pack_columns(static_cast<const uint16_t*>(B) + g * K * N, N, K, int(N), amx::depth(K),
+                          amx_.data() + g * amx::packed_size(K, N));
     }
   }
 
@@ -282,7 +279,7 @@ class PackedWeights {
   bool fits(int64_t count, int64_t K, int64_t N) const {
     return (tiles_ || !amx_.empty()) && count == count_ && K == K_ && N == N_;
   }
-  uint16_t* amx_columns(int64_t g) { return amx_.data() + g * amx::packed_size(K_, N_); }
+  // Matrix g in the AMX layout (null unless bf16 on a CPU with AMX).
   const uint16_t* amx_columns(int64_t g) const { return amx_.empty() ? nullptr : amx_.data() + g * amx::packed_size(K_, N_); }
 
   // C[0:m, 0:n] = A[0:m, 0:K] @ B[g][:, col:col + n] if the packed form holds that column range
